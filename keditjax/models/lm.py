@@ -255,15 +255,26 @@ class LanguageModel:
     left-padded to a length bucket and decoded with a KV cache in one jitted
     call.
 
+    Args:
+      params: parameter pytree.
+      prompt: a string or a list of token ids, or a list of those.
+      max_new_tokens: tokens to generate (static: one compile per value).
+      temperature, top_p, seed: sampling controls.
+      stop_at_eos: cut each continuation at the tokenizer's EOS.
+      return_ids: return token ids instead of text.
+
     Returns:
       The continuation text (a list for a list of prompts); with
       `return_ids`, the token ids instead.
     """
     if max_new_tokens < 1:
       raise errors.InputError(f"max_new_tokens={max_new_tokens} must be >= 1.")
-    single = isinstance(prompt, str)
+    # One prompt is a str or a list of ids; several are a list of those.
+    single = isinstance(prompt, str) or (
+        len(prompt) > 0 and isinstance(prompt[0], (int, np.integer)))
     prompts = [prompt] if single else list(prompt)
-    ids = [self.encode(p) for p in prompts]
+    ids = [self.encode(p) if isinstance(p, str) else [int(t) for t in p]
+           for p in prompts]
     for p, i in zip(prompts, ids):
       if not i:
         raise errors.InputError(f"prompt {p!r} is empty.")
