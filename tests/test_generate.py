@@ -72,3 +72,9 @@ def test_score_rejects_bad_input(tiny_llama):
     m.score(m.params, [[1], [2]], [[3]])
   with pytest.raises(errors.InputError, match="token ids"):
     m.apply(m.params, np.array([[1, 999]]))
+
+
+def test_generate_refuses_to_run_past_max_positions(tiny_llama):
+  m = tiny_llama
+  with pytest.raises(errors.InputError, match="max_position_embeddings"):
+    m.generate(m.params, [1, 2, 3], m.config.max_position_embeddings)

@@ -213,6 +213,9 @@ def _gpt2(hf: dict, strict: bool) -> ModelConfig:
     _refuse("scale_attn_by_inverse_layer_idx", True, "not implemented.")
   if hf.get("scale_attn_weights", True) is False:
     _refuse("scale_attn_weights", False, "unscaled attention not implemented.")
+  if hf.get("tie_word_embeddings", True) is False:
+    _refuse("tie_word_embeddings", False,
+            "keditjax's GPT-2 head is the token embedding (tied).")
   d = hf["n_embd"]
   return ModelConfig(
       arch="gpt2", hf_model_type="gpt2", vocab_size=hf["vocab_size"],

@@ -119,6 +119,12 @@ def update_cache(layer_cache, k_BxLxGxK, v_BxLxGxK, index):
   return k_all, v_all, {"k": k_all, "v": v_all}
 
 
+def layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:
+  """LayerNorm with the config's epsilon and torch's two-pass variance."""
+  return nn.LayerNorm(epsilon=config.norm_eps, name=name,
+                      use_fast_variance=False)
+
+
 def dense(features: int, name: str, use_bias: bool, dtype=jnp.float32):
   """`nn.Dense` with `[in, out]` kernel, the orientation edits assume."""
   return nn.Dense(features, use_bias=use_bias, name=name, dtype=dtype,

@@ -278,7 +278,13 @@ class LanguageModel:
     for p, i in zip(prompts, ids):
       if not i:
         raise errors.InputError(f"prompt {p!r} is empty.")
-    length = bucket(max(map(len, ids)))
+    longest = max(map(len, ids))
+    if longest + max_new_tokens > self.config.max_position_embeddings:
+      raise errors.InputError(
+          f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) "
+          f"exceeds max_position_embeddings="
+          f"{self.config.max_position_embeddings}.")
+    length = bucket(longest)
     batch = len(ids)
     tokens = np.zeros((batch, length), np.int32)
     mask = np.zeros((batch, length), np.int32)

@@ -34,27 +34,17 @@ class Arch:
 def get_arch(arch: str) -> Arch:
   """The `Arch` row for `arch` ("llama", "gpt2", "gptj", "bert")."""
   # Imported lazily so that each architecture file may import this module.
-  from keditjax.models import llama
-  table = {"llama": Arch(llama.LlamaLM, llama.HF_TABLE, llama.HF_IGNORE,
-                         llama.SITE_PARAMS)}
-  try:
-    from keditjax.models import gpt2
-    table["gpt2"] = Arch(gpt2.GPT2LM, gpt2.HF_TABLE, gpt2.HF_IGNORE,
-                         gpt2.SITE_PARAMS)
-  except ImportError:
-    pass
-  try:
-    from keditjax.models import gptj
-    table["gptj"] = Arch(gptj.GPTJLM, gptj.HF_TABLE, gptj.HF_IGNORE,
-                         gptj.SITE_PARAMS)
-  except ImportError:
-    pass
-  try:
-    from keditjax.models import bert
-    table["bert"] = Arch(bert.BertEncoder, bert.HF_TABLE, bert.HF_IGNORE,
-                         bert.SITE_PARAMS)
-  except ImportError:
-    pass
+  from keditjax.models import bert, gpt2, gptj, llama
+  table = {
+      "llama": Arch(llama.LlamaLM, llama.HF_TABLE, llama.HF_IGNORE,
+                    llama.SITE_PARAMS),
+      "gpt2": Arch(gpt2.GPT2LM, gpt2.HF_TABLE, gpt2.HF_IGNORE,
+                   gpt2.SITE_PARAMS),
+      "gptj": Arch(gptj.GPTJLM, gptj.HF_TABLE, gptj.HF_IGNORE,
+                   gptj.SITE_PARAMS),
+      "bert": Arch(bert.BertEncoder, bert.HF_TABLE, bert.HF_IGNORE,
+                   bert.SITE_PARAMS),
+  }
   if arch not in table:
     raise errors.UnsupportedArchitectureError(
         f"Architecture {arch!r} is not implemented; available: {sorted(table)}.")

@@ -22,6 +22,10 @@ class Tokenizer:
   """
 
   def __init__(self, backend, *, bos_id=None, eos_id=None, pad_id=None):
+    # Some tokenizer.json files pad/truncate every input to a fixed length
+    # (all-MiniLM-L6-v2 pads to 128); keditjax pads to its own length buckets.
+    backend.no_padding()
+    backend.no_truncation()
     self.backend = backend
     self.bos_id = bos_id
     self.eos_id = eos_id
