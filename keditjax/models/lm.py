@@ -129,9 +129,18 @@ class LanguageModel:
     if not config.is_decoder:
       raise errors.ConfigError(f"{config.arch} is not a decoder; use Encoder.")
     self.config = config
-    self.params = params
+    # Numpy leaves (fresh from a loader) would be copied to the device on
+    # every call; place them once. Already-placed (e.g. sharded) arrays stay.
+    self.params = jax.tree.map(
+        lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), params)
     self.tokenizer = tokenizer
     self.name = name
+
+  def _forward(self, params, tokens_BxL, attention_mask_BxL=None,
+               positions_BxL=None, sites=sites_lib.NO_SITES):
+    """The forward pass `apply` and `score` run (subclasses may shard it)."""
+    return forward(self.config, params, tokens_BxL, attention_mask_BxL,
+                   positions_BxL, sites)
 
   def __repr__(self):
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
@@ -176,8 +185,8 @@ class LanguageModel:
     tokens_BxL = self._check_tokens(tokens_BxL)
     if sites is not None:
       sites.validate(self.config.num_layers)
-    logits, out = forward(self.config, params, tokens_BxL, attention_mask,
-                          positions, sites or sites_lib.NO_SITES)
+    logits, out = self._forward(params, tokens_BxL, attention_mask, positions,
+                                sites or sites_lib.NO_SITES)
     return logits if sites is None else (logits, out)
 
   # -- scoring -----------------------------------------------------------
@@ -235,8 +244,8 @@ class LanguageModel:
         ids = p + c
         tokens[row, :len(ids)] = ids
         mask[row, :len(ids)] = 1
-      logits, _ = forward(self.config, params, jnp.asarray(tokens),
-                          jnp.asarray(mask))
+      logits, _ = self._forward(params, jnp.asarray(tokens),
+                                jnp.asarray(mask))
       lp = np.asarray(_token_logprobs(logits, jnp.asarray(tokens)))
       for row, (p, c) in enumerate(chunk):
         per_token.append(lp[row, len(p) - 1:len(p) + len(c) - 1])

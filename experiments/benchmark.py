@@ -1,0 +1,105 @@
+r"""Benchmarks compile time, steady-state latency and throughput.
+
+  python -m experiments.benchmark --task=forward --output_json=/tmp/bench.json \
+      [--model=smollm2-135m] [--batch_sizes=1,8] [--lengths=16,128] [--steps=10]
+
+Each task maps a loaded model to rows of measurements. `compile_s` is the
+first call (trace + compile + one run) minus the steady median; `compiles` is
+the number of XLA compilations that first call triggered (steady calls must
+trigger none, STYLE.md §4).
+"""
+
+import json
+import statistics
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from keditjax import models
+from keditjax.models import lm
+
+_TASK = flags.DEFINE_enum("task", "forward", ["forward", "generate"], "What to time.")
+_MODEL = flags.DEFINE_string("model", models.DEFAULT_MODEL, "Model name for load().")
+_BATCHES = flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes.")
+_LENGTHS = flags.DEFINE_list("lengths", ["16", "128"], "Sequence lengths (forward).")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steady-state calls.")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "Tokens to generate.")
+_OUTPUT = flags.DEFINE_string("output_json", None, "Where to write the results.")
+
+_compiles = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, secs, **_: _compiles.append(secs)
+    if event == "/jax/core/compile/backend_compile_duration" else None)
+
+
+def measure(call, work: int) -> dict:
+  """Times `call()` (which must block) once cold, then `--steps` times warm."""
+  before = len(_compiles)
+  start = time.perf_counter()
+  call()
+  first = time.perf_counter() - start
+  compiles = len(_compiles) - before
+  call()  # warm-up
+  steady_compiles = len(_compiles)
+  times = []
+  for _ in range(_STEPS.value):
+    start = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - start)
+  if len(_compiles) != steady_compiles:
+    raise RuntimeError(f"steady-state calls recompiled {len(_compiles) - steady_compiles}x")
+  steady = statistics.median(times)
+  return {"first_call_s": first, "compile_s": first - steady, "compiles": compiles,
+          "backend_compile_s": sum(_compiles[before:before + compiles]),
+          "steady_s": steady, "tokens_per_s": work / steady}
+
+
+def bench_forward(model, params):
+  """`lm.forward` logits for random tokens of every (batch, length)."""
+  rows, rng = [], np.random.default_rng(0)
+  for batch in map(int, _BATCHES.value):
+    for length in map(int, _LENGTHS.value):
+      tokens = jax.device_put(rng.integers(0, model.config.vocab_size, (batch, length), np.int32))
+      call = lambda: lm.forward(model.config, params, tokens)[0].block_until_ready()
+      rows.append({"batch": batch, "length": length, **measure(call, batch * length)})
+  return rows
+
+
+def bench_generate(model, params):
+  """Greedy `model.generate` of `--new_tokens` tokens (tokens/s counts new ones)."""
+  rows, n = [], _NEW_TOKENS.value
+  for batch in map(int, _BATCHES.value):
+    prompts = ["The Eiffel Tower is located in the city of"] * batch
+    call = lambda: model.generate(params, prompts, n, stop_at_eos=False, return_ids=True)
+    length = lm.bucket(len(model.encode(prompts[0])))
+    rows.append({"batch": batch, "length": length, "new_tokens": n, **measure(call, batch * n)})
+  return rows
+
+
+TASKS = {"forward": bench_forward, "generate": bench_generate}
+
+
+def main(argv):
+  del argv
+  model = models.load(_MODEL.value)
+  params = jax.device_put(model.params)  # move once, not on every call
+  report = {"task": _TASK.value, "model": _MODEL.value,
+            "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+            "num_devices": jax.device_count(), "jax": jax.__version__,
+            "params": sum(x.size for x in jax.tree.leaves(params)), "steps": _STEPS.value,
+            "results": TASKS[_TASK.value](model, params)}
+  print(f"{report['task']} {report['model']} ({report['params'] / 1e6:.1f}M params) on "
+        f"{report['device']} x{report['num_devices']}, jax {report['jax']}")
+  print(f"{'batch':>5} {'len':>5} {'compile_s':>10} {'#comp':>5} {'steady_ms':>10} {'tok/s':>10}")
+  for r in report["results"]:
+    print(f"{r['batch']:>5} {r['length']:>5} {r['compile_s']:>10.2f} {r['compiles']:>5} "
+          f"{r['steady_s'] * 1e3:>10.2f} {r['tokens_per_s']:>10.0f}")
+  if _OUTPUT.value:
+    with open(_OUTPUT.value, "w") as f:
+      json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
