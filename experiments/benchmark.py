@@ -10,6 +10,7 @@ trigger none, STYLE.md §4).
 """
 
 import json
+import os
 import statistics
 import time
 
@@ -97,6 +98,7 @@ def main(argv):
     print(f"{r['batch']:>5} {r['length']:>5} {r['compile_s']:>10.2f} {r['compiles']:>5} "
           f"{r['steady_s'] * 1e3:>10.2f} {r['tokens_per_s']:>10.0f}")
   if _OUTPUT.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
     with open(_OUTPUT.value, "w") as f:
       json.dump(report, f, indent=1)
 

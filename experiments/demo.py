@@ -10,6 +10,7 @@ main job: the same view before and after a fact edit.)
 """
 
 import json
+import os
 import time
 
 from absl import app, flags
@@ -52,6 +53,7 @@ def main(argv):
     print(f"{prompt!r}\n  next token: {shown}\n  greedy: {prompt}{generation}\n")
     results.append({"prompt": prompt, "top": top, "generation": generation})
   if _OUTPUT.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
     with open(_OUTPUT.value, "w") as f:
       json.dump({"model": _MODEL.value, "results": results}, f, indent=2)
 

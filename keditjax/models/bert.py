@@ -22,7 +22,7 @@ from keditjax import errors
 from keditjax.models import layers, registry
 from keditjax.models import sites as sites_lib
 from keditjax.models.config import ModelConfig
-from keditjax.models.lm import bucket
+from keditjax.models.lm import ModelBase, bucket
 from keditjax.models.sites import Sites
 
 # Site -> the parameter leaf it writes (`{l}` is the layer).
@@ -156,7 +156,7 @@ def mean_pool(hidden_BxLxD, mask_BxL):
   return mean_BxD / jnp.maximum(norm_Bx1, 1e-12)
 
 
-class Encoder:
+class Encoder(ModelBase):
   """A BERT encoder: config, params, tokenizer and pure functions.
 
   Attributes:
@@ -170,23 +170,7 @@ class Encoder:
     if config.is_decoder:
       raise errors.ConfigError(
           f"{config.arch} is a decoder; use LanguageModel.")
-    self.config = config
-    self.params = params
-    self.tokenizer = tokenizer
-    self.name = name
-
-  def __repr__(self):
-    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
-    return (f"Encoder({self.name or self.config.hf_model_type}, "
-            f"{self.config.num_layers} layers, {n / 1e6:.1f}M params)")
-
-  def site_names(self) -> tuple[str, ...]:
-    """Every edit-site name of this model."""
-    return sites_lib.site_names(self.config.num_layers)
-
-  def site_param(self, site: str) -> tuple[str, ...]:
-    """The parameter path a site writes (`mlp/value` -> MLP output kernel)."""
-    return registry.site_param_path(self.config, site)
+    super().__init__(config, params, tokenizer, name)
 
   def apply(self, params, tokens_BxL, *, attention_mask=None,
             token_type_ids=None, sites: Sites | None = None):
@@ -202,20 +186,10 @@ class Encoder:
     Returns:
       `(hidden_BxLxD, pooled_BxD)`, or `(hidden, pooled, captures)` with sites.
     """
-    tokens = (tokens_BxL if isinstance(tokens_BxL, jax.core.Tracer)
-              else np.asarray(tokens_BxL))
-    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-      raise errors.InputError(
-          f"tokens must be an int array [batch, length], got {tokens.dtype} "
-          f"{tokens.shape}.")
-    if tokens.shape[1] > self.config.max_position_embeddings:
-      raise errors.InputError(
-          f"{tokens.shape[1]} tokens exceed max_position_embeddings="
-          f"{self.config.max_position_embeddings}.")
+    tokens = self._check_tokens(tokens_BxL)
     if sites is not None:
       sites.validate(self.config.num_layers)
-    hidden, pooled, out = encode(self.config, params,
-                                 jnp.asarray(tokens, jnp.int32),
+    hidden, pooled, out = encode(self.config, params, tokens,
                                  attention_mask, token_type_ids,
                                  sites or sites_lib.NO_SITES)
     return (hidden, pooled) if sites is None else (hidden, pooled, out)

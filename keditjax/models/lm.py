@@ -115,8 +115,8 @@ def generate_tokens(config: ModelConfig, params, tokens_BxP, mask_BxP, rng,
   return jnp.concatenate([first[:, None], rest.T], axis=1)
 
 
-class LanguageModel:
-  """A decoder language model: config, params, tokenizer and pure functions.
+class ModelBase:
+  """What decoders and encoders share: config, params, tokenizer, sites.
 
   Attributes:
     config: `ModelConfig`.
@@ -126,8 +126,6 @@ class LanguageModel:
   """
 
   def __init__(self, config: ModelConfig, params, tokenizer=None, name=""):
-    if not config.is_decoder:
-      raise errors.ConfigError(f"{config.arch} is not a decoder; use Encoder.")
     self.config = config
     # Numpy leaves (fresh from a loader) would be copied to the device on
     # every call; place them once. Already-placed (e.g. sharded) arrays stay.
@@ -136,18 +134,11 @@ class LanguageModel:
     self.tokenizer = tokenizer
     self.name = name
 
-  def _forward(self, params, tokens_BxL, attention_mask_BxL=None,
-               positions_BxL=None, sites=sites_lib.NO_SITES):
-    """The forward pass `apply` and `score` run (subclasses may shard it)."""
-    return forward(self.config, params, tokens_BxL, attention_mask_BxL,
-                   positions_BxL, sites)
-
   def __repr__(self):
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
-    return (f"LanguageModel({self.name or self.config.hf_model_type}, "
+    return (f"{type(self).__name__}({self.name or self.config.hf_model_type}, "
             f"{self.config.num_layers} layers, {n / 1e6:.1f}M params)")
 
-  # -- sites -------------------------------------------------------------
   def site_names(self) -> tuple[str, ...]:
     """Every edit-site name of this model."""
     return sites_lib.site_names(self.config.num_layers)
@@ -156,7 +147,6 @@ class LanguageModel:
     """The parameter path a site writes (`mlp/value` -> MLP output kernel)."""
     return registry.site_param_path(self.config, site)
 
-  # -- forward -----------------------------------------------------------
   def _check_tokens(self, tokens):
     if isinstance(tokens, jax.core.Tracer):
       return tokens
@@ -169,7 +159,26 @@ class LanguageModel:
       raise errors.InputError(
           f"token ids must lie in [0, {self.config.vocab_size}); got "
           f"[{arr.min()}, {arr.max()}].")
+    if arr.shape[1] > self.config.max_position_embeddings:
+      raise errors.InputError(
+          f"{arr.shape[1]} tokens exceed max_position_embeddings="
+          f"{self.config.max_position_embeddings}.")
     return jnp.asarray(arr, jnp.int32)
+
+
+class LanguageModel(ModelBase):
+  """A decoder language model: config, params, tokenizer and pure functions."""
+
+  def __init__(self, config: ModelConfig, params, tokenizer=None, name=""):
+    if not config.is_decoder:
+      raise errors.ConfigError(f"{config.arch} is not a decoder; use Encoder.")
+    super().__init__(config, params, tokenizer, name)
+
+  def _forward(self, params, tokens_BxL, attention_mask_BxL=None,
+               positions_BxL=None, sites=sites_lib.NO_SITES):
+    """The forward pass `apply` and `score` run (subclasses may shard it)."""
+    return forward(self.config, params, tokens_BxL, attention_mask_BxL,
+                   positions_BxL, sites)
 
   def apply(self, params, tokens_BxL, *, sites: Sites | None = None,
             attention_mask=None, positions=None):
