@@ -96,3 +96,46 @@ def test_errors_are_one_family():
   for cls in (errors.ConfigError, errors.CheckpointError, errors.SiteError,
               errors.ModelNotFoundError, errors.InputError):
     assert issubclass(cls, errors.KeditError)
+
+
+def test_nonfinite_tensor(tmp_path):
+  import numpy as np
+  from safetensors.numpy import load_file, save_file
+  d = _copy("llama_gqa_tied", tmp_path)
+  tensors = load_file(d / "model.safetensors")
+  tensors["model.norm.weight"] = tensors["model.norm.weight"] * np.nan
+  save_file(tensors, d / "model.safetensors")
+  with pytest.raises(errors.CheckpointError, match="model.norm.weight.*NaN"):
+    load(f"hf:{d}")
+
+
+def test_hub_ids_are_downloaded_with_huggingface_hub(monkeypatch):
+  import huggingface_hub
+  calls = []
+
+  def fake_download(repo_id, allow_patterns):
+    calls.append((repo_id, allow_patterns))
+    return golden_dir("llama_gqa_tied")
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+  model = load("hf:someone/tiny-llama")
+  assert calls[0][0] == "someone/tiny-llama"
+  assert "config.json" in calls[0][1] and "*.safetensors" in calls[0][1]
+  assert model.config.num_kv_heads == 2
+
+
+def test_hub_download_failure_is_a_keditjax_error(monkeypatch):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  with pytest.raises(errors.ModelNotFoundError, match="Could not download"):
+    load("hf:someone/does-not-exist-anywhere")
+
+
+def test_v4_style_rope_config_parses_like_v5():
+  v5 = json.load(open(os.path.join(golden_dir("llama3_rope_scaling"), "config.json")))
+  rope = v5["rope_parameters"]
+  scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "rope_type")}
+  v4 = {k: v for k, v in v5.items() if k != "rope_parameters"}
+  v4.update(rope_theta=rope["rope_theta"],
+            rope_scaling={**scaling, "type": "llama3"})  # the old key name
+  assert from_hf_config(v4) == from_hf_config(v5)
+  assert from_hf_config(v4).rope_scaling_dict["rope_type"] == "llama3"

@@ -113,6 +113,9 @@ def tensors_to_params(config: ModelConfig, tensors: dict[str, np.ndarray],
           f"{source}: tensor {name!r} maps to {path!r}, which the "
           f"{config.arch} config does not have (check config.json).")
     value = _transform(np.asarray(array), transform).astype(dtype)
+    if not np.all(np.isfinite(value)):
+      raise errors.CheckpointError(
+          f"{source}: tensor {name!r} holds NaN or infinite values.")
     if tuple(value.shape) != tuple(expected[path].shape):
       raise errors.CheckpointError(
           f"{source}: tensor {name!r} has shape {tuple(array.shape)}, "
