@@ -16,7 +16,7 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from keditjax import models
 from keditjax.models import lm
@@ -84,6 +84,7 @@ TASKS = {"forward": bench_forward, "generate": bench_generate}
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # keep the output to results
   model = models.load(_MODEL.value)
   params = jax.device_put(model.params)  # move once, not on every call
   report = {"task": _TASK.value, "model": _MODEL.value,

@@ -13,7 +13,7 @@ import json
 import os
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 import jax
 import numpy as np
 
@@ -41,6 +41,7 @@ def top_predictions(model, params, prompt, k):
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # keep the output to results
   start = time.perf_counter()
   model = models.load(_MODEL.value)
   print(f"Loaded {model!r} in {time.perf_counter() - start:.1f}s "
