@@ -34,26 +34,9 @@ class Attention(nn.Module):
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (
         t.reshape(b, l, c.num_heads, c.head_dim)
         for t in jnp.split(qkv_BxLx3D, 3, axis=-1))
-    new_cache = None
-    if layer_cache is not None:
-      k_BxLxHxK, v_BxLxHxK, new_cache = layers.update_cache(
-          layer_cache, k_BxLxHxK, v_BxLxHxK, index)
-    o = layers.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask)
+    o, new_cache = layers.cached_attention(
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask, layer_cache, index)
     return layers.dense(d, "c_proj", True)(o.reshape(b, l, d)), new_cache
-
-
-class MLP(nn.Module):
-  config: ModelConfig
-  layer: int
-
-  @nn.compact
-  def __call__(self, x_BxLxD, sites: Sites, out: dict):
-    c = self.config
-    key_BxLxF = layers.activation(c.activation)(
-        layers.dense(c.intermediate_size, "c_fc", True)(x_BxLxD))
-    key_BxLxF = sites.visit(f"layer/{self.layer}/mlp/key", key_BxLxF, out)
-    value_BxLxD = layers.dense(c.hidden_size, "c_proj", True)(key_BxLxF)
-    return sites.visit(f"layer/{self.layer}/mlp/value", value_BxLxD, out)
 
 
 class Block(nn.Module):
@@ -63,11 +46,11 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD, mask, sites, out, layer_cache, index):
     c = self.config
-    h, new_cache = Attention(c, name="attn")(layers.layer_norm(c, "ln_1")(x_BxLxD),
-                                             mask, layer_cache, index)
+    h, new_cache = Attention(c, name="attn")(
+        layers.layer_norm(c, "ln_1")(x_BxLxD), mask, layer_cache, index)
     x_BxLxD = x_BxLxD + sites.visit(f"layer/{self.layer}/attn/out", h, out)
-    x_BxLxD = x_BxLxD + MLP(c, self.layer, name="mlp")(
-        layers.layer_norm(c, "ln_2")(x_BxLxD), sites, out)
+    mlp = layers.GeluMLP(c, self.layer, "c_fc", "c_proj", name="mlp")
+    x_BxLxD = x_BxLxD + mlp(layers.layer_norm(c, "ln_2")(x_BxLxD), sites, out)
     return sites.visit(f"layer/{self.layer}/resid", x_BxLxD, out), new_cache
 
 

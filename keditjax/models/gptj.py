@@ -38,26 +38,9 @@ class Attention(nn.Module):
             positions_BxL, inv_freq, interleaved=True)
         for name in ("q_proj", "k_proj"))
     v_BxLxHxK = layers.dense(d, "v_proj", False)(x_BxLxD).reshape(shape)
-    new_cache = None
-    if layer_cache is not None:
-      k_BxLxHxK, v_BxLxHxK, new_cache = layers.update_cache(
-          layer_cache, k_BxLxHxK, v_BxLxHxK, index)
-    o = layers.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask)
+    o, new_cache = layers.cached_attention(
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask, layer_cache, index)
     return layers.dense(d, "out_proj", False)(o.reshape(b, l, d)), new_cache
-
-
-class MLP(nn.Module):
-  config: ModelConfig
-  layer: int
-
-  @nn.compact
-  def __call__(self, x_BxLxD, sites: Sites, out: dict):
-    c = self.config
-    key_BxLxF = layers.activation(c.activation)(
-        layers.dense(c.intermediate_size, "fc_in", True)(x_BxLxD))
-    key_BxLxF = sites.visit(f"layer/{self.layer}/mlp/key", key_BxLxF, out)
-    value_BxLxD = layers.dense(c.hidden_size, "fc_out", True)(key_BxLxF)
-    return sites.visit(f"layer/{self.layer}/mlp/value", value_BxLxD, out)
 
 
 class Block(nn.Module):
@@ -72,7 +55,8 @@ class Block(nn.Module):
     attn_BxLxD, new_cache = Attention(c, name="attn")(
         h_BxLxD, positions_BxL, mask, layer_cache, index)
     attn_BxLxD = sites.visit(f"layer/{self.layer}/attn/out", attn_BxLxD, out)
-    mlp_BxLxD = MLP(c, self.layer, name="mlp")(h_BxLxD, sites, out)
+    mlp = layers.GeluMLP(c, self.layer, "fc_in", "fc_out", name="mlp")
+    mlp_BxLxD = mlp(h_BxLxD, sites, out)
     x_BxLxD = x_BxLxD + attn_BxLxD + mlp_BxLxD
     return sites.visit(f"layer/{self.layer}/resid", x_BxLxD, out), new_cache
 

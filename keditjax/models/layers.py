@@ -110,13 +110,41 @@ def dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xLxS):
   return out.reshape(b, l, h, kdim)
 
 
-def update_cache(layer_cache, k_BxLxGxK, v_BxLxGxK, index):
-  """Writes new keys/values at slot `index`; returns (k_all, v_all, cache)."""
+def cached_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask, layer_cache,
+                     index):
+  """Attention over the new keys/values, or over the cache once they are in it.
+
+  Returns:
+    (output_BxLxHxK, the updated layer cache or None).
+  """
+  if layer_cache is None:
+    return dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask), None
   k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k_BxLxGxK,
                                               index, axis=1)
   v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v_BxLxGxK,
                                               index, axis=1)
-  return k_all, v_all, {"k": k_all, "v": v_all}
+  return (dot_product_attention(q_BxLxHxK, k_all, v_all, mask),
+          {"k": k_all, "v": v_all})
+
+
+class GeluMLP(nn.Module):
+  """Dense -> activation -> dense with biases (GPT-2, GPT-J), visiting sites.
+
+  `in_name`/`out_name` are the two projections' parameter names.
+  """
+  config: ModelConfig
+  layer: int
+  in_name: str
+  out_name: str
+
+  @nn.compact
+  def __call__(self, x_BxLxD, sites, out: dict):
+    c = self.config
+    key_BxLxF = activation(c.activation)(
+        dense(c.intermediate_size, self.in_name, True)(x_BxLxD))
+    key_BxLxF = sites.visit(f"layer/{self.layer}/mlp/key", key_BxLxF, out)
+    value_BxLxD = dense(c.hidden_size, self.out_name, True)(key_BxLxF)
+    return sites.visit(f"layer/{self.layer}/mlp/value", value_BxLxD, out)
 
 
 def layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:

@@ -41,11 +41,8 @@ class Attention(nn.Module):
     k_BxLxGxK = layers.apply_rope(k.reshape(b, l, c.num_kv_heads, c.head_dim),
                                   positions_BxL, inv_freq)
     v_BxLxGxK = v.reshape(b, l, c.num_kv_heads, c.head_dim)
-    new_cache = None
-    if layer_cache is not None:
-      k_BxLxGxK, v_BxLxGxK, new_cache = layers.update_cache(
-          layer_cache, k_BxLxGxK, v_BxLxGxK, index)
-    o = layers.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask)
+    o, new_cache = layers.cached_attention(
+        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask, layer_cache, index)
     o_BxLxD = layers.dense(c.hidden_size, "o_proj", c.attention_out_bias)(
         o.reshape(b, l, c.num_heads * c.head_dim))
     return o_BxLxD, new_cache
