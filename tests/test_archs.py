@@ -224,6 +224,25 @@ def test_params_tensors_round_trip(name):
                jax.tree.map(np.asarray, model.params))
 
 
+@pytest.mark.parametrize("name", ARCHS)
+def test_exported_model_loads_in_transformers(name, tmp_path):
+  torch = pytest.importorskip("torch")
+  import transformers
+  from keditjax.models import save
+  model = _load(name)
+  save(model, str(tmp_path))
+  cls = transformers.AutoModel if name == "bert" else transformers.AutoModelForCausalLM
+  ref = cls.from_pretrained(str(tmp_path), attn_implementation="eager").eval()
+  g = np.load(os.path.join(_dir(name), "golden.npz"))
+  with torch.no_grad():
+    out = ref(input_ids=torch.from_numpy(g["input_ids"]).long(),
+              attention_mask=torch.from_numpy(g["attention_mask"]).long())
+  want = out.last_hidden_state if name == "bert" else out.logits
+  key = "last_hidden_state" if name == "bert" else "logits"
+  valid = g["attention_mask"].astype(bool)
+  assert np.abs(want.numpy() - g[key])[valid].max() < 1e-4
+
+
 def test_gpt2_loads_without_prefix_and_ignores_buffers():
   model = _load("gpt2")
   tensors = {k.removeprefix("transformer."): v
