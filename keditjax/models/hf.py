@@ -92,7 +92,7 @@ def tensors_to_params(config: ModelConfig, tensors: dict[str, np.ndarray],
   arch = registry.get_arch(config.arch)
   rows = _compile_table(arch.hf_table)
   ignore = [re.compile(p) for p in arch.hf_ignore]
-  expected = {k: v for k, v in flatten(abstract_params(config)).items()}
+  expected = flatten(abstract_params(config))
   flat = {}
   for name, array in tensors.items():
     if any(p.match(name) for p in ignore):

@@ -68,19 +68,23 @@ class Tokenizer:
 
   @classmethod
   def from_file(cls, path: str, **ids) -> "Tokenizer":
+    """Loads a `tokenizer.json` file."""
     from tokenizers import Tokenizer as Backend
-    try:
-      return cls(Backend.from_file(path), **ids)
-    except Exception as e:
-      raise errors.TokenizerError(f"{path}: cannot load tokenizer ({e}).") from None
+    return cls._build(Backend.from_file, path, path, **ids)
 
   @classmethod
   def from_json(cls, text: str, **ids) -> "Tokenizer":
+    """Builds a tokenizer from a serialized `tokenizers` JSON string."""
     from tokenizers import Tokenizer as Backend
+    return cls._build(Backend.from_str, text, "tokenizer JSON", **ids)
+
+  @classmethod
+  def _build(cls, make, source, what, **ids) -> "Tokenizer":
     try:
-      return cls(Backend.from_str(text), **ids)
-    except Exception as e:
-      raise errors.TokenizerError(f"cannot build tokenizer from JSON ({e}).") from None
+      backend = make(source)
+    except Exception as e:  # tokenizers raises plain Exceptions.
+      raise errors.TokenizerError(f"{what}: cannot load tokenizer ({e}).") from None
+    return cls(backend, **ids)
 
   @classmethod
   def from_directory(cls, directory: str, *, bos_id=None, eos_id=None,
