@@ -176,7 +176,7 @@ def positions_and_mask(config: ModelConfig, tokens_BxL, positions_BxL,
   Returns:
     (q_pos_BxL, mask_Bx1xLxS, cache_pos_BxS or None).
   """
-  batch, length = tokens_BxL.shape
+  batch, length = tokens_BxL.shape[:2]
   if attention_mask_BxL is None:
     attention_mask_BxL = jnp.ones((batch, length), jnp.int32)
   valid_BxL = attention_mask_BxL.astype(bool)
@@ -210,8 +210,32 @@ def init_cache(config: ModelConfig, batch: int, size: int, dtype=jnp.float32):
 
 
 def finish_cache(cache, new_layers, cache_pos, length):
-  """The cache after a forward pass over `length` new tokens."""
+  """The cache after a forward pass over `length` new tokens.
+
+  `new_layers` maps a layer index to its updated cache; layers a partial
+  forward pass did not run keep their old entries.
+  """
   if cache is None:
     return None
-  return {"layers": new_layers, "pos": cache_pos,
+  merged = list(cache["layers"])
+  for i, layer_cache in new_layers.items():
+    merged[i] = layer_cache
+  return {"layers": merged, "pos": cache_pos,
           "index": cache["index"] + length}
+
+
+def layer_span(config: ModelConfig, start_layer: int, stop_layer):
+  """Checks and completes a `[start, stop)` block range of a partial pass."""
+  stop = config.num_layers if stop_layer is None else stop_layer
+  if not 0 <= start_layer <= stop <= config.num_layers:
+    raise ValueError(f"layer span [{start_layer}, {stop}) is outside "
+                     f"[0, {config.num_layers}].")
+  return start_layer, stop
+
+
+def gather_positions(x_BxLxD, positions_BxT):
+  """`x[b, positions[b, t]]` -> `[B, T, D]` (logits only where needed)."""
+  if positions_BxT is None:
+    return x_BxLxD
+  return jnp.take_along_axis(
+      x_BxLxD, jnp.asarray(positions_BxT, jnp.int32)[..., None], axis=1)

@@ -81,33 +81,49 @@ class Block(nn.Module):
 
 
 class LlamaLM(nn.Module):
-  """Llama-family causal LM: `(tokens, ...) -> (logits_BxLxV, out, cache)`."""
+  """Llama-family causal LM: `(tokens, ...) -> (logits_BxLxV, out, cache)`.
+
+  Partial passes let editors skip work an edit cannot change: `hidden` (with
+  `start_layer`) replaces the embeddings by the residual stream entering block
+  `start_layer`; `stop_layer` stops before that block and returns the residual
+  stream instead of logits; `logit_positions` `[B, T]` computes the head only
+  at those positions.
+  """
   config: ModelConfig
 
   @nn.compact
   def __call__(self, tokens_BxL, *, positions=None, attention_mask=None,
-               sites: Sites = Sites(), cache=None):
+               sites: Sites = Sites(), cache=None, hidden=None,
+               start_layer: int = 0, stop_layer=None, logit_positions=None):
     c = self.config
+    start, stop = layers.layer_span(c, start_layer, stop_layer)
+    shape_src = tokens_BxL if hidden is None else hidden
     positions_BxL, mask, cache_pos = layers.positions_and_mask(
-        c, tokens_BxL, positions, attention_mask, cache)
+        c, shape_src, positions, attention_mask, cache)
     out = {}
     embed = nn.Embed(c.vocab_size, c.hidden_size, name="embed_tokens",
                      embedding_init=nn.initializers.normal(0.02))
-    x_BxLxD = sites.visit("embed", embed(tokens_BxL), out)
+    if hidden is None:
+      x_BxLxD = sites.visit("embed", embed(tokens_BxL), out)
+    else:
+      x_BxLxD = hidden
     index = None if cache is None else cache["index"]
-    new_layers = []
-    for i in range(c.num_layers):
+    new_layers = {}
+    for i in range(start, stop):
       layer_cache = None if cache is None else cache["layers"][i]
       x_BxLxD, new_layer_cache = Block(c, i, name=f"layers_{i}")(
           x_BxLxD, positions_BxL, mask, sites, out, layer_cache, index)
-      new_layers.append(new_layer_cache)
+      new_layers[i] = new_layer_cache
+    new_cache = layers.finish_cache(cache, new_layers, cache_pos,
+                                    shape_src.shape[1])
+    if stop < c.num_layers:
+      return x_BxLxD, out, new_cache
+    x_BxLxD = layers.gather_positions(x_BxLxD, logit_positions)
     x_BxLxD = nn.RMSNorm(c.norm_eps, name="norm")(x_BxLxD)
     if c.tie_word_embeddings:
       logits = embed.attend(x_BxLxD)
     else:
       logits = layers.dense(c.vocab_size, "lm_head", False)(x_BxLxD)
-    new_cache = layers.finish_cache(cache, new_layers, cache_pos,
-                                    tokens_BxL.shape[1])
     return logits, out, new_cache
 
 

@@ -28,6 +28,31 @@ def bucket(n: int, multiple: int = 16) -> int:
   return max(multiple, -(-n // multiple) * multiple)
 
 
+def run(config: ModelConfig, params, tokens_BxL=None, *, hidden=None,
+        start_layer: int = 0, stop_layer=None, logit_positions=None,
+        attention_mask=None, positions=None, sites: Sites = sites_lib.NO_SITES,
+        cache=None):
+  """One (possibly partial) forward pass, un-jitted, for use inside jit.
+
+  Args:
+    config, params: the model.
+    tokens_BxL: int ids (None when `hidden` is given).
+    hidden: residual stream `[B, L, D]` entering block `start_layer`.
+    start_layer, stop_layer: run blocks `[start_layer, stop_layer)` (static).
+    logit_positions: int `[B, T]`: compute logits only there.
+    attention_mask, positions, sites: as in `forward`.
+    cache: a KV cache (`layers.init_cache`) holding earlier positions.
+
+  Returns:
+    `(logits or residual stream, captures, new cache or None)`.
+  """
+  module = registry.get_arch(config.arch).module(config)
+  return module.apply({"params": params}, tokens_BxL, positions=positions,
+                      attention_mask=attention_mask, sites=sites, cache=cache,
+                      hidden=hidden, start_layer=start_layer,
+                      stop_layer=stop_layer, logit_positions=logit_positions)
+
+
 @functools.partial(jax.jit, static_argnames=("config",))
 def forward(config: ModelConfig, params, tokens_BxL, attention_mask_BxL=None,
             positions_BxL=None, sites: Sites = sites_lib.NO_SITES):

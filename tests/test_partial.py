@@ -1,0 +1,53 @@
+"""Partial forward passes: layer spans, hidden inputs, logit positions, cache."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from keditjax.models import layers, load, lm, sites
+from tests.conftest import golden_dir
+
+
+@pytest.fixture(scope="module", params=["llama_gqa_tied", "gpt2", "gptj"])
+def model(request):
+  return load("hf:" + golden_dir(request.param))
+
+
+def test_span_composition_equals_full_pass(model):
+  c, p = model.config, model.params
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, c.vocab_size,
+                                                         (2, 9)), jnp.int32)
+  full, _, _ = lm.run(c, p, tokens)
+  mid = c.num_layers // 2
+  hidden, _, _ = lm.run(c, p, tokens, stop_layer=mid)
+  rest, _, _ = lm.run(c, p, hidden=hidden, start_layer=mid)
+  np.testing.assert_allclose(rest, full, atol=2e-5, rtol=1e-4)
+  # The residual capture at block mid-1 is the partial pass's output.
+  _, out = lm.forward(c, p, tokens,
+                      sites=sites.capture(f"layer/{mid - 1}/resid"))
+  np.testing.assert_allclose(out[f"layer/{mid - 1}/resid"], hidden,
+                             atol=2e-5, rtol=1e-4)
+  pos = jnp.array([[1, 8], [0, 3]])
+  picked, _, _ = lm.run(c, p, tokens, logit_positions=pos)
+  np.testing.assert_allclose(picked, np.take_along_axis(
+      np.asarray(full), np.asarray(pos)[..., None], axis=1), atol=2e-5, rtol=1e-4)
+
+
+def test_suffix_over_prefix_cache_equals_full_pass(model):
+  """Prefix in the cache, suffix from a middle block: the editors' fast path."""
+  c, p = model.config, model.params
+  rng = np.random.default_rng(1)
+  tokens = jnp.asarray(rng.integers(0, c.vocab_size, (2, 10)), jnp.int32)
+  full, _, _ = lm.run(c, p, tokens)
+  cache = layers.init_cache(c, 2, 10)
+  _, _, cache = lm.run(c, p, tokens[:, :6], cache=cache)
+  mid = 1
+  hidden, _, _ = lm.run(c, p, tokens[:, 6:], stop_layer=mid, cache=cache)
+  logits, _, _ = lm.run(c, p, hidden=hidden, start_layer=mid, cache=cache)
+  np.testing.assert_allclose(logits, full[:, 6:], atol=2e-5, rtol=1e-4)
+
+
+def test_bad_span_is_refused(model):
+  with pytest.raises(ValueError, match="outside"):
+    lm.run(model.config, model.params, jnp.zeros((1, 3), jnp.int32),
+           stop_layer=model.config.num_layers + 1)
