@@ -1,0 +1,172 @@
+"""Second moments of edit keys: streaming accumulation and validation.
+
+ROME (Meng et al. 2022, "Locating and Editing Factual Associations in GPT",
+Eq. 2) and MEMIT (Meng et al. 2023, Eq. 14) weight their least-squares
+updates by the uncentred second moment `C = E[k kᵀ]` of the MLP keys `k`;
+AlphaEdit (Fang et al. 2025, Sec. 3) projects updates onto the null space of
+`K₀ K₀ᵀ`, the same matrix up to the token count. Both are estimated as
+
+  C = (1 / N) Σₙ kₙ kₙᵀ = Kᵀ K / N,   K = [k₁ ... k_N]ᵀ ∈ R^{N×F},
+
+streamed over a corpus one batch at a time. Rows of `K` whose mask is 0
+(padding) contribute nothing, neither to the sum nor to `N`.
+
+Dtypes: the accumulator's dtype decides the product's. A float32 accumulator
+forms `KᵀK` in float32 at the highest matmul precision (no TF32 / bfloat16
+passes on accelerators). A float64 accumulator (keys are cast up, as ROME's
+`mom2_dtype="float64"` does) needs 64-bit JAX: create it and call
+`accumulate` inside `with jax.enable_x64(True):` (`init` does the former).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from keditjax import errors
+
+ACCUMULATOR_DTYPES = ("float32", "float64")
+
+
+def init(features: int, dtype: str = "float32"):
+  """Zero accumulators `(mom2_FxF, count)` for keys of width `features`.
+
+  Args:
+    features: the key width F.
+    dtype: "float32" or "float64" (the float64 one is made under 64-bit JAX;
+      keep using it inside `jax.enable_x64(True)`).
+
+  Returns:
+    `(zeros [F, F] of dtype, int32 scalar 0)` as JAX arrays.
+
+  Raises:
+    ConfigError: `dtype` is not an accumulator dtype.
+  """
+  if str(dtype) not in ACCUMULATOR_DTYPES:
+    raise errors.ConfigError(
+        f"accumulator dtype={dtype!r}; use one of {ACCUMULATOR_DTYPES}.")
+  with jax.enable_x64(str(dtype) == "float64"):
+    return (jnp.zeros((features, features), dtype),
+            jnp.zeros((), jnp.int32))
+
+
+def outer_sum(keys_NxF, mask_N, dtype) -> jax.Array:
+  """`Σₙ mask[n] kₙ kₙᵀ` in `dtype`, un-jitted (for use inside a jit).
+
+  Masked rows are zeroed rather than gathered out, so shapes stay static and
+  one compilation serves every batch, padded or not.
+
+  Args:
+    keys_NxF: keys, one row per token.
+    mask_N: 1/True for real tokens, 0/False for padding.
+    dtype: the accumulation dtype (the keys are cast to it first).
+
+  Returns:
+    `[F, F]` array of `dtype`.
+  """
+  keys_NxF = jnp.where(mask_N.astype(bool)[:, None], keys_NxF, 0).astype(dtype)
+  return jnp.einsum("nf,ng->fg", keys_NxF, keys_NxF,
+                    precision=jax.lax.Precision.HIGHEST,
+                    preferred_element_type=dtype)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def accumulate(mom2_FxF, count, keys_NxF, mask_N):
+  """Adds one batch of keys to the running second moment (ROME Eq. 2).
+
+  Args:
+    mom2_FxF: running `Σ k kᵀ` (float32 or float64; donated).
+    count: running number of real tokens (int32 scalar).
+    keys_NxF: the batch's keys (any float dtype).
+    mask_N: 1/True for real tokens, 0/False for padding rows.
+
+  Returns:
+    `(mom2_FxF + Σ mask·k kᵀ, count + Σ mask)`, same dtypes as the inputs.
+  """
+  mom2_FxF = mom2_FxF + outer_sum(keys_NxF, mask_N, mom2_FxF.dtype)
+  return mom2_FxF, count + jnp.sum(mask_N.astype(jnp.int32))
+
+
+def finalize(mom2_FxF, count) -> np.ndarray:
+  """`E[k kᵀ] = Σ k kᵀ / N` as a NumPy array of the accumulator's dtype.
+
+  Raises:
+    InputError: no token was accumulated (`count == 0`).
+  """
+  count = int(count)
+  if count <= 0:
+    raise errors.InputError(
+        "no tokens were accumulated (count=0): the second moment is "
+        "undefined; feed a non-empty, unmasked batch.")
+  mom2_FxF = np.asarray(mom2_FxF)
+  return mom2_FxF / mom2_FxF.dtype.type(count)
+
+
+def check_covariance(cov_FxF, name: str = "covariance", *,
+                     rcond: float | None = None,
+                     symmetry_rtol: float = 1e-4) -> np.ndarray:
+  """Refuses a second moment that cannot weight a least-squares edit.
+
+  ROME's rank-one update solves `C⁻¹ k` (Meng et al. 2022, Eq. 2) and MEMIT
+  solves `(λC + K Kᵀ)⁻¹` (Meng et al. 2023, Eq. 14); a NaN, asymmetric,
+  indefinite or numerically singular `C` silently yields garbage weights.
+  Editors call this once per statistic, before any solve.
+
+  Args:
+    cov_FxF: the matrix (NumPy or JAX, any float dtype).
+    name: what to call it in errors (e.g. "layer/4/mlp/key second moment").
+    rcond: smallest admissible `λ_min / λ_max`; default `F · eps(dtype)`
+      (the rank threshold of `numpy.linalg.matrix_rank`). Pass 0 to accept
+      singular but positive semi-definite matrices (AlphaEdit wants their
+      null space).
+    symmetry_rtol: allowed `max|C - Cᵀ| / max|C|`.
+
+  Returns:
+    The matrix as a NumPy array (unchanged).
+
+  Raises:
+    InputError: not square, not finite, not symmetric, has eigenvalues below
+      `-rcond · λ_max` (not PSD), or `λ_min < rcond · λ_max` (singular).
+  """
+  cov_FxF = np.asarray(cov_FxF)
+  if cov_FxF.ndim != 2 or cov_FxF.shape[0] != cov_FxF.shape[1]:
+    raise errors.InputError(f"{name} must be a square [F, F] matrix, got "
+                            f"shape {cov_FxF.shape}.")
+  if not np.issubdtype(cov_FxF.dtype, np.floating):
+    raise errors.InputError(f"{name} must be floating point, got "
+                            f"{cov_FxF.dtype}.")
+  bad = ~np.isfinite(cov_FxF)
+  if bad.any():
+    raise errors.InputError(
+        f"{name} has {int(bad.sum())} non-finite (NaN/inf) entries; "
+        "recompute the statistics (a corrupt cache or an overflowing model).")
+  scale = float(np.abs(cov_FxF).max()) if cov_FxF.size else 0.0
+  if scale == 0.0:
+    raise errors.InputError(f"{name} is all zeros (singular); were any "
+                            "tokens accumulated?")
+  asym = float(np.abs(cov_FxF - cov_FxF.T).max()) / scale
+  if asym > symmetry_rtol:
+    raise errors.InputError(
+        f"{name} is not symmetric (max |C - Cᵀ| / max |C| = {asym:.2e} > "
+        f"{symmetry_rtol:.0e}); a second moment always is.")
+  if rcond is None:
+    rcond = cov_FxF.shape[0] * float(np.finfo(cov_FxF.dtype).eps)
+  eig = np.linalg.eigvalsh(0.5 * (cov_FxF + cov_FxF.T).astype(np.float64))
+  lo, hi = float(eig[0]), float(eig[-1])
+  # Rounding makes the eigenvalues of a rank-deficient PSD matrix slightly
+  # negative; only below the rank threshold is it truly indefinite.
+  tolerance = max(rcond, cov_FxF.shape[0] * float(np.finfo(cov_FxF.dtype).eps))
+  if lo < -tolerance * hi:
+    raise errors.InputError(
+        f"{name} is not positive semi-definite (smallest eigenvalue {lo:.3e}, "
+        f"largest {hi:.3e}).")
+  if rcond > 0 and lo < rcond * hi:
+    raise errors.InputError(
+        f"{name} is singular or ill-conditioned (λ_min / λ_max = "
+        f"{lo / hi:.3e} < rcond={rcond:.1e}); accumulate more tokens than "
+        f"its size ({cov_FxF.shape[0]}), add a ridge term, or pass rcond=0 "
+        "to accept a semi-definite matrix.")
+  return cov_FxF
