@@ -1,0 +1,436 @@
+"""What ROME, MEMIT and AlphaEdit share: prompts, keys k* and values v*.
+
+  - `context_templates`: short prefixes the model writes itself, so a key or
+    value is averaged over contexts (ROME §3.1).
+  - `Layout`: prompts tokenized around the subject, laid out so that every
+    row's subject-last token sits in the same column: the columns before it
+    (the prefix) cannot depend on an edit at that token.
+  - `subject_keys`: k*, the mean key at a layer at the subject's last token.
+  - `optimize_values`: v* (ROME eq. 4 / MEMIT eq. 16): a delta added at the
+    subject's last token after block `layer`, optimised for the new target
+    with a KL "essence" term and weight decay, as one jitted `while_loop` for
+    a whole batch of requests.
+
+The value optimisation avoids work the delta cannot change: the prefix runs
+once into a KV cache, the blocks up to `layer` run once on the suffix, each
+step runs only blocks above `layer` on the suffix columns, logits are taken
+only at target positions, and the loop stops per request when its loss falls
+below `stop_loss` (ROME's criterion).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from keditjax import errors
+from keditjax.editors.base import Request
+from keditjax.models import layers as layers_lib
+from keditjax.models import lm
+from keditjax.models import sites as sites_lib
+
+CONTEXT_STARTS = ("The", "Therefore", "Because", "I", "You")
+
+
+def context_templates(model, params=None, lengths=((5, 10), (10, 10)),
+                      seed: int = 0) -> tuple[str, ...]:
+  """`"{}"` plus prefixes sampled from the model (ROME's context templates).
+
+  For each `(length, count)`, `count` texts of `length` new tokens start from
+  "The", "Therefore", "Because", "I", "You" (nucleus sampling, fixed seed);
+  each becomes the template `"<text>. {}"`.
+  """
+  params = model.params if params is None else params
+  out = ["{}"]
+  for length, count in lengths:
+    starts = [CONTEXT_STARTS[i % len(CONTEXT_STARTS)] for i in range(count)]
+    texts = model.generate(params, starts, max_new_tokens=length,
+                           temperature=0.8, top_p=0.9, seed=seed + length,
+                           stop_at_eos=True)
+    for start, text in zip(starts, texts):
+      text = (start + text).replace("{", " ").replace("}", " ")
+      text = " ".join(text.split())
+      out.append(text + ". {}")
+  return tuple(out)
+
+
+def tokenize_around_subject(tokenizer, template: str, subject: str):
+  """Token ids of `template` with the subject, and the subject's last index.
+
+  The text before the subject, the subject and the text after it are
+  tokenized separately and concatenated (as ROME does), so the subject's
+  tokens are the same in every context; a space before the subject moves
+  into the subject, as byte-level BPE attaches spaces to the next word.
+
+  Returns:
+    (ids, index of the subject's last token).
+  """
+  pre, post = template.split("{}", 1)
+  lead = ""
+  if pre.endswith(" "):
+    pre, lead = pre[:-1], " "
+  pre_ids = tokenizer.encode(pre) if pre else []
+  subj_ids = tokenizer.encode(lead + subject)
+  post_ids = tokenizer.encode(post) if post else []
+  if not subj_ids:
+    raise errors.InputError(f"subject {subject!r} tokenizes to nothing.")
+  ids = pre_ids + subj_ids + post_ids
+  return ids, len(pre_ids) + len(subj_ids) - 1
+
+
+def encode_target(tokenizer, request: Request) -> list[int]:
+  ids = tokenizer.encode(request.target_new)
+  if not ids:
+    raise errors.InputError(
+        f"request {request.case_id!r}: target_new {request.target_new!r} "
+        "tokenizes to nothing.")
+  return ids
+
+
+def fill(template: str, request: Request) -> str:
+  """A context template around the request's prompt (`{}` kept for subject)."""
+  return template.replace("{}", request.prompt, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Rows split at the subject's last token (column `S` of every row).
+
+  prefix_* `[B, S]` holds each row's tokens before the subject's last token,
+  left-padded; suffix_* `[B, P]` holds the rest (starting with that token),
+  right-padded. `target_*` `[B, T]` are suffix positions whose logits
+  predict `target_ids`.
+  """
+  prefix_tokens: np.ndarray
+  prefix_mask: np.ndarray
+  suffix_tokens: np.ndarray
+  suffix_mask: np.ndarray
+  target_pos: np.ndarray
+  target_ids: np.ndarray
+  target_mask: np.ndarray
+
+
+def small_bucket(n: int) -> int:
+  """Rounds a short length up to 1, 2, 3, 4, 6, 8, 12, 16, then 8k.
+
+  The suffix and target lengths set the cost of every optimisation step, so
+  they are padded little; the few shapes that occur each compile once.
+  """
+  for size in (1, 2, 3, 4, 6, 8, 12, 16):
+    if n <= size:
+      return size
+  return lm.bucket(n, 8)
+
+
+def make_layout(rows, *, multiple: int = 16) -> Layout:
+  """Builds a `Layout` from `(ids, subject_last, target_ids)` rows.
+
+  The prefix length is rounded up to `multiple` (it is computed once per
+  edit), suffix and target lengths by `small_bucket`, so that similar
+  batches share one compilation.
+  """
+  n = len(rows)
+  s = lm.bucket(max(r[1] for r in rows), multiple)
+  p = small_bucket(max(len(r[0]) - r[1] + max(len(r[2]) - 1, 0)
+                       for r in rows))
+  t = small_bucket(max(max(len(r[2]), 1) for r in rows))
+  out = dict(prefix_tokens=np.zeros((n, s), np.int32),
+             prefix_mask=np.zeros((n, s), np.int32),
+             suffix_tokens=np.zeros((n, p), np.int32),
+             suffix_mask=np.zeros((n, p), np.int32),
+             target_pos=np.zeros((n, t), np.int32),
+             target_ids=np.zeros((n, t), np.int32),
+             target_mask=np.zeros((n, t), np.float32))
+  for i, (ids, last, target) in enumerate(rows):
+    full = list(ids) + list(target[:-1])
+    if last:
+      out["prefix_tokens"][i, s - last:] = full[:last]
+      out["prefix_mask"][i, s - last:] = 1
+    tail = full[last:]
+    out["suffix_tokens"][i, :len(tail)] = tail
+    out["suffix_mask"][i, :len(tail)] = 1
+    for j, tok in enumerate(target):
+      out["target_pos"][i, j] = len(ids) - 1 + j - last
+      out["target_ids"][i, j] = tok
+      out["target_mask"][i, j] = 1.0
+  return Layout(**out)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "names", "stop_layer"))
+def _capture_at(config, params, tokens_BxL, mask_BxL, last_Bx1, names,
+                stop_layer):
+  sites = sites_lib.capture(*names, positions=last_Bx1)
+  _, out, _ = lm.run(config, params, tokens_BxL, attention_mask=mask_BxL,
+                     sites=sites, stop_layer=stop_layer)
+  return {name: out[name][:, 0] for name in names}
+
+
+def capture_at_subject(model, params, texts_and_lasts, names: Sequence[str],
+                       *, batch_size: int = 64):
+  """Activations at each row's subject-last token, for site `names`.
+
+  Args:
+    texts_and_lasts: `(ids, subject_last)` rows.
+    names: site names (their highest layer bounds the partial pass).
+
+  Returns:
+    dict name -> float32 numpy `[N, D or F]`.
+  """
+  config = model.config
+  names = tuple(names)
+  stop = 1 + max(sites_lib.parse_site(n, config.num_layers)[0] for n in names)
+  results = {n: [] for n in names}
+  for start in range(0, len(texts_and_lasts), batch_size):
+    chunk = texts_and_lasts[start:start + batch_size]
+    rows = lm.bucket(len(chunk), 8)
+    length = lm.bucket(max(len(ids) for ids, _ in chunk), 8)
+    tokens = np.zeros((rows, length), np.int32)
+    mask = np.zeros((rows, length), np.int32)
+    last = np.zeros((rows, 1), np.int32)
+    for i, (ids, s) in enumerate(chunk):
+      tokens[i, :len(ids)] = ids
+      mask[i, :len(ids)] = 1
+      last[i, 0] = s
+    got = _capture_at(config, params, jnp.asarray(tokens), jnp.asarray(mask),
+                      jnp.asarray(last), names, stop)
+    for n in names:
+      results[n].append(np.asarray(got[n])[:len(chunk)])
+  return {n: np.concatenate(v) for n, v in results.items()}
+
+
+def subject_keys(model, params, requests, templates, layer_sites,
+                 *, batch_size: int = 64):
+  """Mean activation at the subject's last token over context templates.
+
+  For `layer/{l}/mlp/key` this is ROME's k* (eq. 3) and MEMIT's kᵢ.
+
+  Returns:
+    dict site -> `[R, F]` float32 numpy.
+  """
+  rows = []
+  for request in requests:
+    for template in templates:
+      rows.append(tokenize_around_subject(
+          model.tokenizer, fill(template, request), request.subject))
+  got = capture_at_subject(model, params, rows, layer_sites,
+                           batch_size=batch_size)
+  n = len(templates)
+  return {k: v.reshape(len(requests), n, -1).mean(axis=1)
+          for k, v in got.items()}
+
+
+# -- v* optimisation --------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ValueHParams:
+  """Hyper-parameters of the v* optimisation (ROME's names in brackets).
+
+  Attributes:
+    steps: maximum gradient steps [v_num_grad_steps].
+    lr: Adam learning rate [v_lr].
+    weight_decay: weight of ||δ|| / ||v0||² [v_weight_decay].
+    kl_factor: weight of KL(p_δ || p_0) on "{subject} is a" [kl_factor].
+    clamp_norm_factor: ||δ|| ≤ factor · ||v0|| [clamp_norm_factor].
+    stop_loss: a request stops once its loss is below this (ROME: 5e-2).
+  """
+  steps: int = 20
+  lr: float = 0.5
+  weight_decay: float = 0.5
+  kl_factor: float = 0.0625
+  clamp_norm_factor: float = 4.0
+  stop_loss: float = 5e-2
+
+
+KL_PROMPTS = ("{} is a",)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "layer", "site_kind"))
+def _prepare(config, params, prefix_tokens, prefix_mask, suffix_tokens,
+             suffix_mask, *, layer, site_kind):
+  """The prefix KV cache and the residual stream after block `layer`."""
+  batch, s = prefix_tokens.shape
+  p = suffix_tokens.shape[1]
+  cache = layers_lib.init_cache(config, batch, s + p,
+                                jax.tree.leaves(params)[0].dtype)
+  _, _, cache = lm.run(config, params, prefix_tokens,
+                       attention_mask=prefix_mask, cache=cache,
+                       logit_positions=jnp.zeros((batch, 1), jnp.int32))
+  site = f"layer/{layer}/{site_kind}"
+  hidden_BxPxD, out, _ = lm.run(
+      config, params, suffix_tokens, attention_mask=suffix_mask, cache=cache,
+      stop_layer=layer + 1,
+      sites=sites_lib.capture(site, positions=jnp.zeros((1,), jnp.int32)))
+  return cache, hidden_BxPxD, out[site][:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "layer", "hp"))
+def _optimize(config, params, cache, hidden_BxPxD, suffix_mask, target_pos,
+              target_ids, target_mask, row_request, row_weight, row_is_kl,
+              init_norm_R, *, layer, hp: ValueHParams):
+  """One jitted loop: Adam on δ `[R, D]` until every request stops."""
+  num_requests = init_norm_R.shape[0]
+  dim = hidden_BxPxD.shape[-1]
+  col0_P = (jnp.arange(hidden_BxPxD.shape[1]) == 0).astype(hidden_BxPxD.dtype)
+
+  def log_probs(delta_RxD):
+    h = hidden_BxPxD + (col0_P[None, :, None] *
+                        delta_RxD[row_request][:, None, :])
+    logits_BxTxV, _, _ = lm.run(config, params, hidden=h,
+                                start_layer=layer + 1, cache=cache,
+                                attention_mask=suffix_mask,
+                                logit_positions=target_pos)
+    return jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+
+  kl_init_BxV = jax.lax.stop_gradient(log_probs(
+      jnp.zeros((num_requests, dim), hidden_BxPxD.dtype))[:, 0])
+
+  def losses(delta_RxD):
+    logp = log_probs(delta_RxD)
+    tok_lp = jnp.take_along_axis(logp, target_ids[..., None], -1)[..., 0]
+    row_nll = -jnp.sum(tok_lp * target_mask, -1) / jnp.maximum(
+        jnp.sum(target_mask, -1), 1.0)
+    kl_row = jnp.sum(jnp.exp(logp[:, 0]) * (logp[:, 0] - kl_init_BxV), -1)
+    per_row = jnp.where(row_is_kl, hp.kl_factor * kl_row, row_nll * row_weight)
+    per_request = jax.ops.segment_sum(per_row, row_request, num_requests)
+    nll = jax.ops.segment_sum(jnp.where(row_is_kl, 0.0, row_nll * row_weight),
+                              row_request, num_requests)
+    # sqrt(x + tiny): the norm's gradient at δ = 0 is 0, not NaN.
+    norm_R = jnp.sqrt(jnp.sum(delta_RxD**2, axis=-1) + 1e-30)
+    wd = hp.weight_decay * norm_R / init_norm_R**2
+    total = per_request + wd
+    return jnp.sum(total), (total, nll)
+
+  opt = optax.adam(hp.lr)
+  grad_fn = jax.value_and_grad(losses, has_aux=True)
+  max_norm_R = hp.clamp_norm_factor * init_norm_R
+
+  def cond(carry):
+    step, _, _, active, _, _, _ = carry
+    return (step < hp.steps) & jnp.any(active)
+
+  def body(carry):
+    step, delta, opt_state, active, loss_R, nll_R, steps_R = carry
+    (_, (total, nll)), grad = grad_fn(delta)
+    # A request's last computed loss is the one reported.
+    loss_R = jnp.where(active, total, loss_R)
+    nll_R = jnp.where(active, nll, nll_R)
+    # ROME checks the loss before stepping, and never steps on the last pass.
+    active = active & (total >= hp.stop_loss) & (step < hp.steps - 1)
+    updates, new_opt_state = opt.update(grad, opt_state, delta)
+    new_delta = delta + updates
+    norm = jnp.linalg.norm(new_delta, axis=-1, keepdims=True)
+    new_delta = new_delta * jnp.minimum(1.0, max_norm_R[:, None] /
+                                        jnp.maximum(norm, 1e-12))
+    delta = jnp.where(active[:, None], new_delta, delta)
+    opt_state = jax.tree.map(
+        lambda new, old: jnp.where(
+            active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+        if new.ndim and new.shape[0] == num_requests else new,
+        new_opt_state, opt_state)
+    return (step + 1, delta, opt_state, active, loss_R, nll_R,
+            steps_R + active.astype(jnp.int32))
+
+  delta0 = jnp.zeros((num_requests, dim), hidden_BxPxD.dtype)
+  init = (jnp.int32(0), delta0, opt.init(delta0),
+          jnp.ones((num_requests,), bool),
+          jnp.zeros((num_requests,), jnp.float32),
+          jnp.zeros((num_requests,), jnp.float32),
+          jnp.zeros((num_requests,), jnp.int32))
+  _, delta, _, _, loss_R, nll_R, steps_R = jax.lax.while_loop(cond, body,
+                                                              init)
+  return delta, steps_R, loss_R, nll_R
+
+
+def value_rows(model, requests, templates, kl_prompts=KL_PROMPTS):
+  """Rows of the v* batch: every template with its target, then KL prompts.
+
+  Returns:
+    (rows for `make_layout`, row_request, row_weight, row_is_kl, index of
+    each request's first (plain-template) row).
+  """
+  rows, row_request, row_weight, row_is_kl, first = [], [], [], [], []
+  for r, request in enumerate(requests):
+    target = encode_target(model.tokenizer, request)
+    first.append(len(rows))
+    for template in templates:
+      ids, last = tokenize_around_subject(
+          model.tokenizer, fill(template, request), request.subject)
+      rows.append((ids, last, target))
+      row_request.append(r)
+      row_weight.append(1.0 / len(templates))
+      row_is_kl.append(False)
+    for kl_prompt in kl_prompts:
+      ids, last = tokenize_around_subject(model.tokenizer, kl_prompt,
+                                          request.subject)
+      rows.append((ids[:last + 1], last, []))
+      row_request.append(r)
+      row_weight.append(0.0)
+      row_is_kl.append(True)
+  return rows, row_request, row_weight, row_is_kl, first
+
+
+def optimize_values(model, params, requests, templates, *, layer: int,
+                    site_kind: str, hp: ValueHParams, chunk: int = 8):
+  """Optimises one delta per request at the subject's last token.
+
+  The delta is added to the residual stream after block `layer`; with
+  `site_kind="mlp/value"` (ROME) its scale reference v0 is the MLP output
+  there, with `"resid"` (MEMIT) the residual stream itself.
+
+  Args:
+    model: the `LanguageModel` (config, tokenizer).
+    params: the parameters to edit.
+    requests: validated `Request`s.
+    templates: context templates (`"{}"` first).
+    layer: the block after which the delta is added.
+    site_kind: "mlp/value" or "resid".
+    hp: `ValueHParams`.
+    chunk: requests per jitted batch (the row count is fixed per chunk, so
+      chunks share one compilation).
+
+  Returns:
+    dict with `delta` `[R, D]`, `v0` `[R, D]` (the unedited site value of
+    each request's plain prompt), `steps` `[R]`, `loss` `[R]`, `nll` `[R]`.
+  """
+  config = model.config
+  results = {k: [] for k in ("delta", "v0", "steps", "loss", "nll")}
+  for start in range(0, len(requests), chunk):
+    part = requests[start:start + chunk]
+    rows, row_request, row_weight, row_is_kl, first = value_rows(
+        model, part, templates)
+    per_request = len(rows) // len(part)
+    # Pad with copies of the last request's rows so every chunk has the
+    # same shape; their results are dropped.
+    n_pad = chunk - len(part) if len(requests) > chunk else 0
+    for k in range(n_pad):
+      for j in range(per_request):
+        rows.append(rows[len(rows) - per_request])
+        row_request.append(len(part) + k)
+        row_weight.append(row_weight[j])
+        row_is_kl.append(row_is_kl[j])
+    layout = make_layout(rows)
+    cache, hidden, site_value = _prepare(
+        config, params, jnp.asarray(layout.prefix_tokens),
+        jnp.asarray(layout.prefix_mask), jnp.asarray(layout.suffix_tokens),
+        jnp.asarray(layout.suffix_mask), layer=layer, site_kind=site_kind)
+    first_rows = np.array(first + [first[-1]] * n_pad)
+    v0 = site_value[first_rows]
+    delta, steps, loss, nll = _optimize(
+        config, params, cache, hidden, jnp.asarray(layout.suffix_mask),
+        jnp.asarray(layout.target_pos), jnp.asarray(layout.target_ids),
+        jnp.asarray(layout.target_mask), jnp.asarray(row_request, jnp.int32),
+        jnp.asarray(row_weight, jnp.float32), jnp.asarray(row_is_kl),
+        jnp.linalg.norm(v0, axis=-1), layer=layer, hp=hp)
+    keep = len(part)
+    results["delta"].append(np.asarray(delta)[:keep])
+    results["v0"].append(np.asarray(v0)[:keep])
+    results["steps"].append(np.asarray(steps)[:keep])
+    results["loss"].append(np.asarray(loss)[:keep])
+    results["nll"].append(np.asarray(nll)[:keep])
+  return {k: np.concatenate(v) for k, v in results.items()}
