@@ -2,17 +2,18 @@ r"""Causal tracing (ROME §2) over known facts: heatmaps and numbers.
 
   python -m experiments.trace [--model=smollm2-135m] [--num_prompts=10]
       [--samples=10] [--window=10] [--noise=<3 x subject embedding std>]
+      [--only_correct] [--output_dir=runs/trace]
       [--data_path=../shared/data/known_1000/known_1000.json]
-      [--output_dir=runs/trace]
 
-For each of the first `num_prompts` known facts, the answer is the model's own
-greedy next token. Writes `trace_<known_id>.png` (residual / MLP / attention
-heatmaps, tokens x layers, subject tokens starred), `average.png` (the average
+The answer is the model's greedy next token (`--only_correct` skips facts it
+gets wrong, as ROME does). Writes `trace_<known_id>.png` (resid/MLP/attention
+heatmaps, tokens x layers, subject tokens starred), `average.png` (average
 indirect effect over ROME's six token groups) and `trace.json` (per-prompt
-scores, low/high scores, averages, the MLP peak layers at the last subject
-token: where ROME edits).
+scores, low/high scores, averages, peak layers: the MLP's at the last subject
+token is where ROME edits).
 """
 
+import itertools
 import json
 import os
 import time
@@ -29,71 +30,72 @@ _MODEL = flags.DEFINE_string("model", models.DEFAULT_MODEL, "Model to load.")
 _DATA = flags.DEFINE_string(
     "data_path", os.path.join(_REPO, "..", "shared", "data", "known_1000",
                               "known_1000.json"), "ROME's known_1000.json.")
-_NUM = flags.DEFINE_integer("num_prompts", 10, "Trace the first N facts.")
+_NUM = flags.DEFINE_integer("num_prompts", 10, "How many facts to trace.")
 _SAMPLES = flags.DEFINE_integer("samples", 10, "Noise samples (ROME: 10).")
 _WINDOW = flags.DEFINE_integer(
     "window", 10, "Layers restored per MLP/attention state (ROME: 10).")
 _NOISE = flags.DEFINE_float(
     "noise", None, "Noise std (default: 3 x the subjects' embedding std).")
 _SEED = flags.DEFINE_integer("seed", 1, "Noise seed.")
+_ONLY_CORRECT = flags.DEFINE_bool(
+    "only_correct", False, "Skip facts the model gets wrong (as ROME does).")
 _OUTPUT = flags.DEFINE_string("output_dir", "runs/trace", "Output directory.")
 
 
-def peak_layers(average, kind, group, top=3):
-  """The `top` layers with the largest average indirect effect in `group`."""
-  effect = np.nan_to_num(average[kind]["effect"][tracing.GROUPS.index(group)],
-                         nan=-np.inf)
-  return [int(l) for l in np.argsort(-effect)[:top]]
+def is_correct(answer, record):
+  """Whether the greedy next token starts the known attribute."""
+  return bool(answer.strip()) and record["attribute"].startswith(answer.strip())
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # keep the output to results
   with open(_DATA.value) as f:
-    records = json.load(f)[:_NUM.value]
+    records = json.load(f)
   model = models.load(_MODEL.value)
-  noise = _NOISE.value
-  if noise is None:  # ROME: over all known facts' subjects
-    with open(_DATA.value) as f:
-      noise = 3 * tracing.embedding_std(model, [r["subject"] for r in json.load(f)])
+  # ROME: 3 x the embedding std over all known facts' subjects.
+  noise = _NOISE.value if _NOISE.value is not None else (
+      3 * tracing.embedding_std(model, [r["subject"] for r in records]))
+  if _ONLY_CORRECT.value:
+    records = (r for r in records
+               if is_correct(model.generate(model.params, r["prompt"], 1), r))
   os.makedirs(_OUTPUT.value, exist_ok=True)
   traces, prompts, start = [], [], time.perf_counter()
-  for record in tqdm(records, desc="prompts"):
+  for record in tqdm(itertools.islice(records, _NUM.value), desc="prompts",
+                     total=_NUM.value):
     trace = tracing.causal_trace(
         model, record["prompt"], record["subject"], noise=noise,
         samples=_SAMPLES.value, window=_WINDOW.value, seed=_SEED.value,
         progress=True)
     tracing.plot_trace(trace, os.path.join(
         _OUTPUT.value, f"trace_{record['known_id']}.png"))
-    answer = trace.answer.strip()
-    correct = bool(answer) and record["attribute"].startswith(answer)
     traces.append(trace)
     prompts.append({"known_id": record["known_id"],
-                    "attribute": record["attribute"], "correct": correct,
+                    "attribute": record["attribute"],
+                    "correct": is_correct(trace.answer, record),
                     **trace.to_json()})
-    tqdm.write(f"{record['prompt']!r} -> {trace.answer!r} (correct={correct}) "
-               f"clean p={trace.high_score:.3f} corrupted p={trace.low_score:.3f}")
+    tqdm.write(f"{trace.prompt!r} -> {trace.answer!r} (correct="
+               f"{prompts[-1]['correct']}) clean p={trace.high_score:.3f} "
+               f"corrupted p={trace.low_score:.3f}")
   seconds = time.perf_counter() - start
   average = tracing.average_traces(traces)
   tracing.plot_average(average, os.path.join(_OUTPUT.value, "average.png"),
                        f"{model.name}: average indirect effect, "
                        f"{len(traces)} prompts")
-  peaks = {kind: {group: peak_layers(average, kind, group)
+  peaks = {kind: {group: [int(l) for l in np.argsort(-np.nan_to_num(
+      average[kind]["effect"][tracing.GROUPS.index(group)], nan=-1))[:3]]
                   for group in ("last subject token", "last token")}
            for kind in tracing.KINDS}
-  correct = [t for t, p in zip(traces, prompts) if p["correct"]]
-  result = {"model": model.name, "noise": noise, "samples": _SAMPLES.value,
-            "window": _WINDOW.value, "seed": _SEED.value, "seconds": seconds,
-            "prompts": prompts, "average": average, "peak_layers": peaks,
-            "average_correct": tracing.average_traces(correct) if correct else None}
   with open(os.path.join(_OUTPUT.value, "trace.json"), "w") as f:
-    json.dump(tracing.to_json(result), f, allow_nan=False)
-  print(f"\n{len(traces)} prompts ({len(correct)} correct) in {seconds:.0f}s, "
-        f"noise={noise:.4f}; average clean p={average['high_score']:.3f}, "
-        f"corrupted p={average['low_score']:.3f}")
-  for kind, by_group in peaks.items():
-    print(f"{kind}: peak layers " + "; ".join(
-        f"{group}: {layers}" for group, layers in by_group.items()))
+    json.dump(tracing.to_json({
+        "model": model.name, "noise": noise, "samples": _SAMPLES.value,
+        "window": _WINDOW.value, "seed": _SEED.value, "seconds": seconds,
+        "prompts": prompts, "average": average, "peak_layers": peaks}), f,
+              allow_nan=False)
+  print(f"\n{len(traces)} prompts "
+        f"({sum(p['correct'] for p in prompts)} correct) in {seconds:.0f}s, "
+        f"noise={noise:.4f}; mean clean p={average['high_score']:.3f}, "
+        f"corrupted p={average['low_score']:.3f}; top-3 peak layers: {peaks}")
 
 
 if __name__ == "__main__":

@@ -158,6 +158,22 @@ def test_noise_is_reproducible_from_the_seed(planted):
   assert tuple(a.scores) == ("mlp",)
 
 
+def test_a_new_prompt_in_the_same_buckets_does_not_recompile(planted):
+  compiles = []
+  listener = lambda event, secs, **_: compiles.append(event) if (
+      event == "/jax/core/compile/backend_compile_duration") else None
+  run = lambda prompt, subject: tracing.causal_trace(
+      planted, prompt, subject, noise=0.7, samples=2, window=2, chunk_size=64)
+  run("the al bo is in", "al bo")
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    trace = run("the bo al in is", "bo al")
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert not compiles
+  assert trace.subject_range == (1, 3)
+
+
 def test_bad_inputs_are_refused_before_work(planted):
   trace = lambda prompt="the al bo is in", subject="al bo", **kw: (
       tracing.causal_trace(planted, prompt, subject, **{"noise": 0.5, **kw}))
@@ -245,3 +261,15 @@ def test_launcher_writes_heatmaps_and_json(planted, tmp_path):
   assert len(result["average"]["mlp"]["effect"]) == len(tracing.GROUPS)
   assert sorted(os.listdir(out)) == ["average.png", "trace.json",
                                      "trace_7.png", "trace_8.png"]
+  # As in ROME, --only_correct skips facts the model gets wrong.
+  data.write_text(json.dumps([{"known_id": 8, "subject": "bo", "attribute": "no",
+                               "prompt": "al bo is"}] * 3 + [
+      {"known_id": 7, "subject": "al bo", "attribute": "yes",
+       "prompt": "the al bo is in"}]))
+  with flagsaver.flagsaver(model="hf:" + model_dir, data_path=str(data),
+                           output_dir=str(out / "correct"), num_prompts=1,
+                           samples=1, window=1, only_correct=True, noise=0.5):
+    launcher.main([])
+  result = json.loads((out / "correct" / "trace.json").read_text())
+  assert [p["known_id"] for p in result["prompts"]] == [7]
+  assert result["noise"] == 0.5

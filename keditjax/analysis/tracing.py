@@ -14,13 +14,15 @@ MLP output (`layer/{l}/mlp/value`) and the attention output
 (`layer/{l}/attn/out`); MLP and attention restore a window of layers around
 `l`, as in ROME's Figure 1.
 
-All restorations of a prompt run as rows of one batch: a row is (kind, token,
-window, noise sample). A row that restores layers `[a, b)` is identical to the
-corrupted run below block `a`, so it starts there from the corrupted residual
-stream; rows are sorted by start layer and pushed through one jitted block at a
-time. Every block has the same parameter shapes, so one compiled block function
-serves all layers (the layer is a traced index), prompts are padded to length
-buckets, and nothing recompiles from prompt to prompt.
+All restorations of a prompt run as rows of a batch: a row is (kind, token t,
+restored layers [a, b), noise sample). Such a row agrees with the corrupted run
+below block `a` and, attention being causal, at every position before t. So it
+starts at block `a` from the corrupted residual stream and computes only the
+positions from t, attending to the corrupted run's cached keys and values
+before t: exact, and about a quarter of the work of full forward passes. Every
+block has the same parameter shapes, so one compiled block function serves all
+layers (the layer is a traced index); prompts and spans are padded to length
+buckets, so nothing recompiles from prompt to prompt.
 """
 
 from __future__ import annotations
@@ -457,15 +459,13 @@ def _panel(fig, ax, values, labels, kind, title, vmin, colorbar):
 
 def plot_trace(trace: Trace, path: str) -> None:
   """Writes a tokens x layers heatmap per kind (subject tokens marked '*')."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure  # no pyplot: leaves the backend alone
   first, stop = trace.subject_range
   labels = [repr(t)[1:-1] + ("*" if first <= i < stop else "")
             for i, t in enumerate(trace.tokens)]
   kinds = tuple(trace.scores)
-  fig, axes = plt.subplots(1, len(kinds), squeeze=False,
-                           figsize=(4.6 * len(kinds), 0.3 * len(labels) + 1.6))
+  fig = Figure(figsize=(4.6 * len(kinds), 0.3 * len(labels) + 1.6))
+  axes = fig.subplots(1, len(kinds), squeeze=False)
   for ax, kind in zip(axes[0], kinds):
     _panel(fig, ax, trace.scores[kind], labels, kind,
            f"{kind}: restoring after corrupted input", trace.low_score,
@@ -475,21 +475,17 @@ def plot_trace(trace: Trace, path: str) -> None:
                fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def plot_average(average: dict, path: str, title: str = "") -> None:
   """Writes the average indirect effect per token group and layer."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure
   kinds = [k for k in KINDS if k in average]
-  fig, axes = plt.subplots(1, len(kinds), squeeze=False,
-                           figsize=(5.2 * len(kinds), 3.2))
+  fig = Figure(figsize=(5.2 * len(kinds), 3.2))
+  axes = fig.subplots(1, len(kinds), squeeze=False)
   for ax, kind in zip(axes[0], kinds):
     _panel(fig, ax, np.nan_to_num(average[kind]["effect"]), average["groups"],
            kind, f"average indirect effect: {kind}", 0.0, "AIE")
   fig.suptitle(title or "Average indirect effect", fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
