@@ -128,7 +128,8 @@ def small_bucket(n: int) -> int:
   return lm.bucket(n, 8)
 
 
-def make_layout(rows, *, multiple: int = 16) -> Layout:
+def make_layout(rows, *, multiple: int = 16, prefix_len: int | None = None
+                ) -> Layout:
   """Builds a `Layout` from `(ids, subject_last, target_ids)` rows.
 
   The prefix length is rounded up to `multiple` (it is computed once per
@@ -136,7 +137,7 @@ def make_layout(rows, *, multiple: int = 16) -> Layout:
   batches share one compilation.
   """
   n = len(rows)
-  s = lm.bucket(max(r[1] for r in rows), multiple)
+  s = prefix_len or lm.bucket(max(r[1] for r in rows), multiple)
   p = small_bucket(max(len(r[0]) - r[1] + max(len(r[2]) - 1, 0)
                        for r in rows))
   t = small_bucket(max(max(len(r[2]), 1) for r in rows))
@@ -399,38 +400,46 @@ def optimize_values(model, params, requests, templates, *, layer: int,
     each request's plain prompt), `steps` `[R]`, `loss` `[R]`, `nll` `[R]`.
   """
   config = model.config
-  results = {k: [] for k in ("delta", "v0", "steps", "loss", "nll")}
+  per_request = [value_rows(model, [r], templates) for r in requests]
+  # Requests with similar suffix and target lengths share a chunk (less
+  # padding per step, fewer shapes to compile); one prefix length for all.
+  def shape(rows):
+    return (small_bucket(max(len(i) - s + max(len(t) - 1, 0)
+                             for i, s, t in rows)),
+            small_bucket(max(max(len(t), 1) for _, _, t in rows)))
+  order = sorted(range(len(requests)), key=lambda i: shape(per_request[i][0]))
+  prefix_len = lm.bucket(max(s for rows, *_ in per_request
+                             for _, s, _ in rows), 16)
+  results = {k: [None] * len(requests)
+             for k in ("delta", "v0", "steps", "loss", "nll")}
   for start in range(0, len(requests), chunk):
-    part = requests[start:start + chunk]
-    rows, row_request, row_weight, row_is_kl, first = value_rows(
-        model, part, templates)
-    per_request = len(rows) // len(part)
-    # Pad with copies of the last request's rows so every chunk has the
-    # same shape; their results are dropped.
-    n_pad = chunk - len(part) if len(requests) > chunk else 0
-    for k in range(n_pad):
-      for j in range(per_request):
-        rows.append(rows[len(rows) - per_request])
-        row_request.append(len(part) + k)
-        row_weight.append(row_weight[j])
-        row_is_kl.append(row_is_kl[j])
-    layout = make_layout(rows)
+    part = order[start:start + chunk]
+    # Pad the last chunk with copies of its last request (results dropped)
+    # so that every chunk has the same row count.
+    padded = part + [part[-1]] * (chunk - len(part) if len(requests) > chunk
+                                  else 0)
+    rows, row_request, row_weight, row_is_kl, first = [], [], [], [], []
+    for k, i in enumerate(padded):
+      r_rows, _, r_weight, r_is_kl, _ = per_request[i]
+      first.append(len(rows))
+      rows += r_rows
+      row_request += [k] * len(r_rows)
+      row_weight += r_weight
+      row_is_kl += r_is_kl
+    layout = make_layout(rows, prefix_len=prefix_len)
     cache, hidden, site_value = _prepare(
         config, params, jnp.asarray(layout.prefix_tokens),
         jnp.asarray(layout.prefix_mask), jnp.asarray(layout.suffix_tokens),
         jnp.asarray(layout.suffix_mask), layer=layer, site_kind=site_kind)
-    first_rows = np.array(first + [first[-1]] * n_pad)
-    v0 = site_value[first_rows]
+    v0 = site_value[np.array(first)]
     delta, steps, loss, nll = _optimize(
         config, params, cache, hidden, jnp.asarray(layout.suffix_mask),
         jnp.asarray(layout.target_pos), jnp.asarray(layout.target_ids),
         jnp.asarray(layout.target_mask), jnp.asarray(row_request, jnp.int32),
         jnp.asarray(row_weight, jnp.float32), jnp.asarray(row_is_kl),
         jnp.linalg.norm(v0, axis=-1), layer=layer, hp=hp)
-    keep = len(part)
-    results["delta"].append(np.asarray(delta)[:keep])
-    results["v0"].append(np.asarray(v0)[:keep])
-    results["steps"].append(np.asarray(steps)[:keep])
-    results["loss"].append(np.asarray(loss)[:keep])
-    results["nll"].append(np.asarray(nll)[:keep])
-  return {k: np.concatenate(v) for k, v in results.items()}
+    got = dict(delta=delta, v0=v0, steps=steps, loss=loss, nll=nll)
+    for k, i in enumerate(part):
+      for key, value in got.items():
+        results[key][i] = np.asarray(value[k])
+  return {k: np.stack(v) for k, v in results.items()}
