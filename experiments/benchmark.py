@@ -21,13 +21,17 @@ from absl import app, flags, logging
 from keditjax import models
 from keditjax.models import lm
 
-_TASK = flags.DEFINE_enum("task", "forward", ["forward", "generate"], "What to time.")
+_TASK = flags.DEFINE_enum("task", "forward", ["forward", "generate", "stats"], "What to time.")
 _MODEL = flags.DEFINE_string("model", models.DEFAULT_MODEL, "Model name for load().")
 _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes.")
 _LENGTHS = flags.DEFINE_list("lengths", ["16", "128"], "Sequence lengths (forward).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steady-state calls.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "Tokens to generate.")
 _OUTPUT = flags.DEFINE_string("output_json", None, "Where to write the results.")
+_STATS_LAYERS = flags.DEFINE_list("stats_layers", ["4"], "Layers of one E[kk^T] pass (stats).")
+_STATS_TOKENS = flags.DEFINE_integer("stats_tokens", 16384, "WikiText-2 tokens per stats call.")
+_STATS_COMPUTE = flags.DEFINE_list("stats_compute_dtypes", ["float32", "bfloat16"],
+                                   "stats.moments compute_dtype values to time.")
 
 _compiles = []
 jax.monitoring.register_event_duration_secs_listener(
@@ -79,7 +83,20 @@ def bench_generate(model, params):
   return rows
 
 
-TASKS = {"forward": bench_forward, "generate": bench_generate}
+def bench_stats(model, params):
+  """`stats.moments` (uncached) over `--stats_tokens` corpus tokens per call."""
+  from keditjax import stats
+  rows, layers = [], [int(l) for l in _STATS_LAYERS.value]
+  for compute_dtype in _STATS_COMPUTE.value:
+    call = lambda: stats.moments(model, layers, params=params, num_tokens=_STATS_TOKENS.value,
+                                 compute_dtype=compute_dtype, cache_dir=False, progress=False)
+    rows.append({"batch": stats.DEFAULT_BATCH_SIZE, "length": stats.DEFAULT_SEQ_LEN,
+                 "layers": layers, "compute_dtype": compute_dtype,
+                 "num_tokens": _STATS_TOKENS.value, **measure(call, _STATS_TOKENS.value)})
+  return rows
+
+
+TASKS = {"forward": bench_forward, "generate": bench_generate, "stats": bench_stats}
 
 
 def main(argv):

@@ -112,6 +112,18 @@ def test_accumulate_matches_numpy_including_padding():
                              want / int(count), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("blocks", [2, 3, 5])
+def test_blocked_outer_sum_is_exact_and_symmetric(blocks):
+  rng = np.random.default_rng(blocks)
+  keys = rng.normal(size=(30, 13)).astype(np.float32)
+  mask = rng.random(30) < 0.7
+  got = np.asarray(jax.jit(lambda k, m: covariance.outer_sum(
+      k, m, jnp.float32, blocks=blocks))(keys, mask))
+  real = keys[mask].astype(np.float64)
+  np.testing.assert_allclose(got, real.T @ real, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(got, got.T)
+
+
 def test_accumulate_float64():
   rng = np.random.default_rng(1)
   keys = rng.normal(size=(20, 6)).astype(np.float32)
@@ -230,6 +242,15 @@ def test_float64_accumulators(model, corpus, tmp_path):
   assert jnp.zeros(1).dtype == jnp.float32  # 64-bit mode did not leak
 
 
+def test_bfloat16_compute_is_close(model, corpus, tmp_path):
+  path, _ = corpus
+  exact = _moments(model, path, 1, tmp_path)[1]
+  fast = _moments(model, path, 1, tmp_path, compute_dtype="bfloat16")[1]
+  assert fast.fingerprint != exact.fingerprint and fast.mom2.dtype == np.float32
+  error = np.abs(fast.mom2 - exact.mom2).max() / np.abs(exact.mom2).max()
+  assert 0 < error < 3e-2, error
+
+
 def test_cache_hit_does_not_recompute(model, corpus, tmp_path, monkeypatch):
   path, _ = corpus
   first = _moments(model, path, 1, tmp_path)[1]
@@ -251,7 +272,8 @@ def test_fingerprints_follow_what_the_keys_depend_on(model, corpus, tmp_path):
   assert fp() == base
   other = _write_corpus(tmp_path / "b.txt", _clean_lines(1))
   assert set(fp(corpus=other).values()).isdisjoint(base.values())
-  for change in ({"num_tokens": 151}, {"seq_len": 8}, {"dtype": "float64"}):
+  for change in ({"num_tokens": 151}, {"seq_len": 8}, {"dtype": "float64"},
+                 {"compute_dtype": "bfloat16"}):
     assert set(fp(**change).values()).isdisjoint(base.values()), change
 
   def edited(path_, delta=1e-3):

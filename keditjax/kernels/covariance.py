@@ -53,24 +53,43 @@ def init(features: int, dtype: str = "float32"):
             jnp.zeros((), jnp.int32))
 
 
-def outer_sum(keys_NxF, mask_N, dtype) -> jax.Array:
+def _block_bounds(features: int, blocks: int | None) -> list[int]:
+  if blocks is None:  # ~4 blocks of >= 256 features; small F: one matmul
+    blocks = max(1, min(4, features // 256))
+  return [round(i * features / blocks) for i in range(blocks + 1)]
+
+
+def outer_sum(keys_NxF, mask_N, dtype, *, blocks: int | None = None):
   """`Σₙ mask[n] kₙ kₙᵀ` in `dtype`, un-jitted (for use inside a jit).
 
   Masked rows are zeroed rather than gathered out, so shapes stay static and
-  one compilation serves every batch, padded or not.
+  one compilation serves every batch, padded or not. The product is
+  symmetric, so with `b` column blocks only the `b(b+1)/2` blocks on and
+  above the diagonal are multiplied and the others mirrored: 10/16 of the
+  flops of one `KᵀK` for `b = 4`, and an exactly symmetric result.
 
   Args:
     keys_NxF: keys, one row per token.
     mask_N: 1/True for real tokens, 0/False for padding.
     dtype: the accumulation dtype (the keys are cast to it first).
+    blocks: column blocks (None: up to 4, of at least 256 features).
 
   Returns:
     `[F, F]` array of `dtype`.
   """
   keys_NxF = jnp.where(mask_N.astype(bool)[:, None], keys_NxF, 0).astype(dtype)
-  return jnp.einsum("nf,ng->fg", keys_NxF, keys_NxF,
-                    precision=jax.lax.Precision.HIGHEST,
-                    preferred_element_type=dtype)
+  bounds = _block_bounds(keys_NxF.shape[1], blocks)
+  parts = [keys_NxF[:, lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+  upper = {(i, j): jnp.einsum("nf,ng->fg", parts[i], parts[j],
+                              precision=jax.lax.Precision.HIGHEST,
+                              preferred_element_type=dtype)
+           for i in range(len(parts)) for j in range(i, len(parts))}
+  if len(parts) == 1:
+    return upper[0, 0]
+  return jnp.concatenate([
+      jnp.concatenate([upper[i, j] if j >= i else upper[j, i].T
+                       for j in range(len(parts))], axis=1)
+      for i in range(len(parts))], axis=0)
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
