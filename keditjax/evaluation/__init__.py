@@ -1,0 +1,1 @@
+"""Evaluation: datasets and metrics (the harness grows here)."""
