@@ -393,20 +393,30 @@ def _checksum(arrays: dict, meta: dict) -> str:
   return h.hexdigest()
 
 
-def _write_atomic(path: str, arrays: dict, meta: dict) -> None:
-  """Writes an `.npz` with a checksummed `meta` entry, via tmp + rename."""
+def _write_atomic(path: str, arrays: dict, meta: dict) -> bool:
+  """Writes an `.npz` with a checksummed `meta` entry, via tmp + rename.
+
+  A reader sees the old file or the complete new one, never a torn write.
+  Returns False (with a warning) if the file cannot be written: the caller's
+  result stays valid, it just is not cached.
+  """
   meta = dict(meta, checksum=_checksum(arrays, meta))
   buffer = io.BytesIO()
   np.savez(buffer, meta=np.asarray(json.dumps(meta, sort_keys=True)),
            **arrays)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
   try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(tmp, "wb") as f:
       f.write(buffer.getbuffer())
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
+    return True
+  except OSError as e:
+    warnings.warn(f"keditjax.stats: cannot write cache file {path} ({e}).",
+                  stacklevel=3)
+    return False
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
@@ -668,10 +678,11 @@ def moments(model, layers, *, params=None, corpus=None,
       path = None
       if cache_dir:
         path = _layer_path(cache_dir, layer, fps[layer])
-        _write_atomic(path, {"mom2_sum": mom2_sum}, {
+        if not _write_atomic(path, {"mom2_sum": mom2_sum}, {
             "fingerprint": fps[layer], "count": count, "layer": layer,
             "site": site(layer), "model": getattr(model, "name", ""),
-            "corpus": corpus.description, **dataclasses.asdict(recipe)})
+            "corpus": corpus.description, **dataclasses.asdict(recipe)}):
+          path = None
       results[layer] = Moments(layer, covariance.finalize(mom2_sum, count),
                                count, fps[layer], path)
   return {layer: results[layer] for layer in layers}
