@@ -3,6 +3,8 @@ r"""Benchmarks compile time, steady-state latency and throughput.
   python -m experiments.benchmark --task=forward --output_json=/tmp/bench.json \
       [--model=smollm2-135m] [--batch_sizes=1,8] [--lengths=16,128] [--steps=10]
 
+  python -m experiments.benchmark --task=stats [--stats_layers=4] [--stats_tokens=16384]
+
 Each task maps a loaded model to rows of measurements. `compile_s` is the
 first call (trace + compile + one run) minus the steady median; `compiles` is
 the number of XLA compilations that first call triggered (steady calls must

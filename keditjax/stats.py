@@ -15,9 +15,14 @@ generic corpus (ROME: `layer_stats.py`, WikiText). Here:
     that one pass and adds `Kᵀ K` to per-layer accumulators
     (`keditjax.kernels.covariance`); steps are dispatched asynchronously, so
     tokenizing the next batch overlaps the current one;
+  - `compute_dtype="bfloat16"` runs the projections with bfloat16 inputs
+    and float32 accumulation, ~1.6x faster on this CPU; on SmolLM2-135M
+    layer 4 it moves `C` by 0.3% (Frobenius) and `C⁻¹k` by 0.7%, against
+    34% and 67% between two disjoint 16k-token samples, so it is far below
+    the estimate's own noise. The default, float32, is exact;
   - results are cached on disk, one file per layer, under a fingerprint of
     the weights the keys depend on, the layer, the tokenizer, the corpus
-    content, `num_tokens`, `seq_len` and the accumulator dtype. Files are
+    content and the `Recipe` (`num_tokens`, `seq_len`, dtypes). Files are
     written atomically with a checksum; a corrupt or mismatched file is
     reported (a `UserWarning`) and recomputed, never used;
   - partial sums are checkpointed every `checkpoint_every_s` seconds and on
@@ -93,13 +98,19 @@ class Corpus:
 
   Attributes:
     description: human-readable origin (paths or dataset name).
-    identity: hash of its content (files) or its `datasets` fingerprint.
     raw: a function returning a fresh iterator of raw texts (file lines or
       dataset rows), before cleaning.
+    identify: a function returning `identity` (computed on first use: only
+      caching needs it).
   """
   description: str
-  identity: str
   raw: Any
+  identify: Any
+
+  @functools.cached_property
+  def identity(self) -> str:
+    """Hash of the content (files) or the `datasets` fingerprint."""
+    return self.identify()
 
   def texts(self) -> Iterator[str]:
     """Cleaned paragraphs: `<unk>` dropped, blank lines and headings skipped."""
@@ -190,7 +201,7 @@ def _dataset_corpus(dataset, description: str) -> Corpus:
   def raw():
     for batch in dataset.select_columns(["text"]).iter(batch_size=1000):
       yield from (t for t in batch["text"] if t)
-  return Corpus(description, f"datasets:{fingerprint}", raw)
+  return Corpus(description, raw, lambda: f"datasets:{fingerprint}")
 
 
 def resolve_corpus(corpus=None) -> Corpus:
@@ -213,10 +224,9 @@ def resolve_corpus(corpus=None) -> Corpus:
     name = getattr(getattr(corpus, "info", None), "dataset_name", None)
     return _dataset_corpus(corpus, f"datasets.Dataset({name or ''})")
   files = _corpus_files(corpus)
-  identity = hashlib.sha256("\n".join(
+  identify = lambda: "files:" + hashlib.sha256("\n".join(
       _file_digest(f) for f in files).encode()).hexdigest()
-  return Corpus(", ".join(files), f"files:{identity}",
-                lambda: _read_lines(files))
+  return Corpus(", ".join(files), lambda: _read_lines(files), identify)
 
 
 def corpus_texts(corpus=None) -> Iterator[str]:
