@@ -239,6 +239,10 @@ class ValueHParams:
     kl_factor: weight of KL(p_δ || p_0) on "{subject} is a" [kl_factor].
     clamp_norm_factor: ||δ|| ≤ factor · ||v0|| [clamp_norm_factor].
     stop_loss: a request stops once its loss is below this (ROME: 5e-2).
+    stop_on: "nll" stops when the target NLL alone is below `stop_loss`
+      (the target is reached); "loss" when NLL + KL + weight decay is, as
+      ROME does. On SmolLM2 the KL term plateaus near 0.05 with the target
+      long reached, so "loss" usually runs every step for nothing.
   """
   steps: int = 20
   lr: float = 0.5
@@ -246,6 +250,17 @@ class ValueHParams:
   kl_factor: float = 0.0625
   clamp_norm_factor: float = 4.0
   stop_loss: float = 5e-2
+  stop_on: str = "nll"
+
+  def __post_init__(self):
+    if self.stop_on not in ("nll", "loss"):
+      raise errors.ConfigError(
+          f"stop_on={self.stop_on!r}; use 'nll' or 'loss'.")
+    if self.steps < 1 or self.lr <= 0 or self.clamp_norm_factor <= 0:
+      raise errors.ConfigError(
+          f"value optimisation needs steps >= 1, lr > 0 and "
+          f"clamp_norm_factor > 0; got {self.steps}, {self.lr}, "
+          f"{self.clamp_norm_factor}.")
 
 
 KL_PROMPTS = ("{} is a",)
@@ -312,17 +327,19 @@ def _optimize(config, params, cache, hidden_BxPxD, suffix_mask, target_pos,
   max_norm_R = hp.clamp_norm_factor * init_norm_R
 
   def cond(carry):
-    step, _, _, active, _, _, _ = carry
+    step, _, _, active, _, _, _, _ = carry
     return (step < hp.steps) & jnp.any(active)
 
   def body(carry):
-    step, delta, opt_state, active, loss_R, nll_R, steps_R = carry
+    step, delta, opt_state, active, loss_R, nll_R, steps_R, history = carry
     (_, (total, nll)), grad = grad_fn(delta)
+    history = history.at[step].set(jnp.where(active, nll, jnp.nan))
     # A request's last computed loss is the one reported.
     loss_R = jnp.where(active, total, loss_R)
     nll_R = jnp.where(active, nll, nll_R)
     # ROME checks the loss before stepping, and never steps on the last pass.
-    active = active & (total >= hp.stop_loss) & (step < hp.steps - 1)
+    watched = nll if hp.stop_on == "nll" else total
+    active = active & (watched >= hp.stop_loss) & (step < hp.steps - 1)
     updates, new_opt_state = opt.update(grad, opt_state, delta)
     new_delta = delta + updates
     norm = jnp.linalg.norm(new_delta, axis=-1, keepdims=True)
@@ -335,17 +352,18 @@ def _optimize(config, params, cache, hidden_BxPxD, suffix_mask, target_pos,
         if new.ndim and new.shape[0] == num_requests else new,
         new_opt_state, opt_state)
     return (step + 1, delta, opt_state, active, loss_R, nll_R,
-            steps_R + active.astype(jnp.int32))
+            steps_R + active.astype(jnp.int32), history)
 
   delta0 = jnp.zeros((num_requests, dim), hidden_BxPxD.dtype)
   init = (jnp.int32(0), delta0, opt.init(delta0),
           jnp.ones((num_requests,), bool),
           jnp.zeros((num_requests,), jnp.float32),
           jnp.zeros((num_requests,), jnp.float32),
-          jnp.zeros((num_requests,), jnp.int32))
-  _, delta, _, _, loss_R, nll_R, steps_R = jax.lax.while_loop(cond, body,
-                                                              init)
-  return delta, steps_R, loss_R, nll_R
+          jnp.zeros((num_requests,), jnp.int32),
+          jnp.full((hp.steps, num_requests), jnp.nan, jnp.float32))
+  _, delta, _, _, loss_R, nll_R, steps_R, history = jax.lax.while_loop(
+      cond, body, init)
+  return delta, steps_R, loss_R, nll_R, history.T
 
 
 def value_rows(model, requests, templates, kl_prompts=KL_PROMPTS):
@@ -411,7 +429,7 @@ def optimize_values(model, params, requests, templates, *, layer: int,
   prefix_len = lm.bucket(max(s for rows, *_ in per_request
                              for _, s, _ in rows), 16)
   results = {k: [None] * len(requests)
-             for k in ("delta", "v0", "steps", "loss", "nll")}
+             for k in ("delta", "v0", "steps", "loss", "nll", "nll_history")}
   for start in range(0, len(requests), chunk):
     part = order[start:start + chunk]
     # Pad the last chunk with copies of its last request (results dropped)
@@ -432,13 +450,14 @@ def optimize_values(model, params, requests, templates, *, layer: int,
         jnp.asarray(layout.prefix_mask), jnp.asarray(layout.suffix_tokens),
         jnp.asarray(layout.suffix_mask), layer=layer, site_kind=site_kind)
     v0 = site_value[np.array(first)]
-    delta, steps, loss, nll = _optimize(
+    delta, steps, loss, nll, history = _optimize(
         config, params, cache, hidden, jnp.asarray(layout.suffix_mask),
         jnp.asarray(layout.target_pos), jnp.asarray(layout.target_ids),
         jnp.asarray(layout.target_mask), jnp.asarray(row_request, jnp.int32),
         jnp.asarray(row_weight, jnp.float32), jnp.asarray(row_is_kl),
         jnp.linalg.norm(v0, axis=-1), layer=layer, hp=hp)
-    got = dict(delta=delta, v0=v0, steps=steps, loss=loss, nll=nll)
+    got = dict(delta=delta, v0=v0, steps=steps, loss=loss, nll=nll,
+               nll_history=history)
     for k, i in enumerate(part):
       for key, value in got.items():
         results[key][i] = np.asarray(value[k])

@@ -51,6 +51,7 @@ class MemitHParams:
   kl_factor: float = 0.0625
   clamp_norm_factor: float = 4.0
   v_stop_loss: float = 5e-2
+  v_stop_on: str = "nll"
   v_chunk: int = 8
   mom2_update_weight: float | None = None
   lambda_per_unit: float = 1.0
@@ -63,7 +64,7 @@ class MemitHParams:
     return compute.ValueHParams(
         steps=self.v_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
         kl_factor=self.kl_factor, clamp_norm_factor=self.clamp_norm_factor,
-        stop_loss=self.v_stop_loss)
+        stop_loss=self.v_stop_loss, stop_on=self.v_stop_on)
 
   def lam(self, intermediate_size: int) -> float:
     if self.mom2_update_weight is not None:

@@ -42,7 +42,8 @@ class RomeHParams:
     context_lengths: (tokens, count) pairs of generated context prefixes
       [context_template_length_params].
     v_steps, v_lr, v_weight_decay, kl_factor, clamp_norm_factor,
-    v_stop_loss: the v* optimisation (see `compute.ValueHParams`).
+    v_stop_loss, v_stop_on: the v* optimisation (see
+    `compute.ValueHParams`).
     use_covariance: use the key second moment C [mom2_adjustment]; False
       uses the identity.
     mom2_tokens: corpus tokens for C [mom2_n_samples, in tokens].
@@ -58,6 +59,7 @@ class RomeHParams:
   kl_factor: float = 0.0625
   clamp_norm_factor: float = 4.0
   v_stop_loss: float = 5e-2
+  v_stop_on: str = "nll"
   use_covariance: bool = True
   mom2_tokens: int = 200_000
   mom2_corpus: str | None = None
@@ -68,7 +70,7 @@ class RomeHParams:
     return compute.ValueHParams(
         steps=self.v_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
         kl_factor=self.kl_factor, clamp_norm_factor=self.clamp_norm_factor,
-        stop_loss=self.v_stop_loss)
+        stop_loss=self.v_stop_loss, stop_on=self.v_stop_on)
 
 
 @dataclasses.dataclass
