@@ -27,8 +27,9 @@ generic corpus (ROME: `layer_stats.py`, WikiText). Here:
     reported (a `UserWarning`) and recomputed, never used;
   - partial sums are checkpointed every `checkpoint_every_s` seconds and on
     interruption, so a killed run resumes where it stopped;
-  - given a mesh, batches are split over its "data" axis (and weights placed
-    by `keditjax.sharding` rules); XLA all-reduces the per-device `Kᵀ K`.
+  - with several devices (or a given mesh), batches are split over the
+    mesh's "data" axis (and weights placed by `keditjax.sharding` rules);
+    XLA all-reduces the per-device `Kᵀ K`.
 
 Packing means a row may span two paragraphs (attention crosses the newline
 between them), as in LM pre-training; no BOS token is added, matching how
@@ -605,10 +606,10 @@ def _check_args(model, recipe: Recipe, batch_size, mesh,
         f"compute_dtype={recipe.compute_dtype!r}; use one of "
         f"{COMPUTE_DTYPES}.")
   if mesh is not None:
-    if "data" not in mesh.shape:
+    if not hasattr(mesh, "shape") or "data" not in mesh.shape:
       raise errors.ConfigError(
-          f"mesh axes {tuple(mesh.shape)} have no 'data' axis; build it with "
-          "keditjax.sharding.make_mesh.")
+          f"mesh={mesh!r} has no 'data' axis; pass 'auto', None or a "
+          "keditjax.sharding.make_mesh mesh.")
     if batch_size % mesh.shape["data"]:
       raise errors.ConfigError(
           f"batch_size={batch_size} is not a multiple of the mesh's data "
@@ -623,7 +624,8 @@ def moments(model, layers, *, params=None, corpus=None,
             batch_size: int = DEFAULT_BATCH_SIZE, dtype: str = "float32",
             compute_dtype: str = "float32",
             cache_dir: str | None | bool = None, progress: bool = True,
-            mesh=None, checkpoint_every_s: float = 60.0) -> dict[int, Moments]:
+            mesh="auto", checkpoint_every_s: float = 60.0
+            ) -> dict[int, Moments]:
   """Second moments `E[k kᵀ]` of the MLP keys of `layers`, with metadata.
 
   Args:
@@ -636,7 +638,7 @@ def moments(model, layers, *, params=None, corpus=None,
     num_tokens: tokens to accumulate (ROME's `mom2_n_samples`, in tokens);
       None for the whole corpus. Fewer are used if the corpus is shorter.
     seq_len: packed row length (the context of a key is its row so far).
-    batch_size: rows per step (a multiple of the mesh's data axis).
+    batch_size: rows per step (a multiple of a given mesh's data axis).
     dtype: accumulator dtype, "float32" or "float64" (ROME's `mom2_dtype`;
       float64 runs the step under `jax.enable_x64`).
     compute_dtype: "float32" or "bfloat16" projections (see `Recipe`).
@@ -644,7 +646,9 @@ def moments(model, layers, *, params=None, corpus=None,
       False: no caching, no resuming).
     progress: show a tqdm bar (tokens/s).
     mesh: a `keditjax.sharding.make_mesh` mesh: batches are split over
-      "data" and weights placed by the sharding rules.
+      "data" and weights placed by the sharding rules. "auto": every device
+      on the data axis when there are several (`batch_size` rounded up to a
+      multiple of their number), else none. None: one device.
     checkpoint_every_s: seconds between checkpoints of the partial sums (0:
       after every batch); an exception or Ctrl-C also saves them.
 
@@ -657,6 +661,12 @@ def moments(model, layers, *, params=None, corpus=None,
     InputError: the corpus is missing or yields no tokens.
   """
   layers = _check_layers(model, layers)
+  if isinstance(mesh, str) and mesh == "auto":
+    mesh = None
+    if jax.device_count() > 1 and isinstance(batch_size, int):
+      from keditjax import sharding
+      mesh = sharding.make_mesh()
+      batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
   recipe = Recipe(num_tokens, seq_len, str(dtype), str(compute_dtype))
   _check_args(model, recipe, batch_size, mesh, checkpoint_every_s)
   corpus = resolve_corpus(corpus)

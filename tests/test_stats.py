@@ -396,8 +396,17 @@ assert jax.device_count() == 8, jax.devices()
 model = _tiny_model(sys.argv[2])
 kw = dict(corpus=sys.argv[1], num_tokens=200, seq_len=16, batch_size=8,
           cache_dir=False, progress=False)
-want = stats.moments(model, [0, 1], **kw)
+want = stats.moments(model, [0, 1], mesh=None, **kw)
 report = {}
+step, meshes = stats._accumulate_step, []
+stats._accumulate_step = lambda *a, **k: (meshes.append(k["mesh"]),
+                                          step(*a, **k))[1]
+auto = stats.moments(model, [0, 1], **dict(kw, batch_size=3))  # -> 8 rows
+stats._accumulate_step = step
+report["auto"] = {"count": [auto[l].count for l in (0, 1)], "max_rel": max(
+    float(np.abs(auto[l].mom2 - want[l].mom2).max() /
+          np.abs(want[l].mom2).max()) for l in (0, 1)),
+    "mesh": dict(meshes[0].shape)}
 for data, mdl in ((8, 1), (2, 4)):
   got = stats.moments(model, [0, 1], mesh=sharding.make_mesh(data, mdl), **kw)
   report[f"{data}x{mdl}"] = {
@@ -422,9 +431,10 @@ def test_data_parallel_on_8_devices_equals_one(corpus, name):
                           env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-5000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
-  for mesh in ("8x1", "2x4"):
+  for mesh in ("8x1", "2x4", "auto"):
     assert report[mesh]["count"] == [200, 200]
     assert report[mesh]["max_rel"] < 1e-5, report
+  assert report["auto"]["mesh"] == {"data": 8, "model": 1}
   assert report["error"].startswith("ConfigError") and "data" in report["error"]
 
 
@@ -433,7 +443,7 @@ def test_data_parallel_on_8_devices_equals_one(corpus, name):
 
 def test_smollm2_layer4_throughput(smollm2, capsys):
   """Prints tokens/s; `experiments.benchmark --task=stats` measures properly."""
-  kw = dict(num_tokens=4 * stats.DEFAULT_SEQ_LEN * stats.DEFAULT_BATCH_SIZE,
+  kw = dict(num_tokens=3 * stats.DEFAULT_SEQ_LEN * stats.DEFAULT_BATCH_SIZE,
             cache_dir=False, progress=False)
   lines = []
   for compute_dtype in ("float32", "bfloat16"):
