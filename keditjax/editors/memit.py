@@ -43,7 +43,7 @@ class MemitHParams:
     mom2_tokens, mom2_corpus, mom2_dtype: the key covariance C (see ROME).
     seed: seed of the context templates.
   """
-  layers: tuple = (2, 3, 4, 5, 6)
+  layers: tuple = (3, 4, 5, 6, 7)
   context_lengths: tuple = ((10, 5),)
   v_steps: int = 25
   v_lr: float = 0.5
