@@ -20,10 +20,12 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
+from experiments import bench_edit
 from keditjax import models
 from keditjax.models import lm
 
-_TASK = flags.DEFINE_enum("task", "forward", ["forward", "generate", "stats"], "What to time.")
+_TASK = flags.DEFINE_enum("task", "forward", ["forward", "generate", "stats", "edit"],
+                              "What to time.")
 _MODEL = flags.DEFINE_string("model", models.DEFAULT_MODEL, "Model name for load().")
 _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes.")
 _LENGTHS = flags.DEFINE_list("lengths", ["16", "128"], "Sequence lengths (forward).")
@@ -98,7 +100,8 @@ def bench_stats(model, params):
   return rows
 
 
-TASKS = {"forward": bench_forward, "generate": bench_generate, "stats": bench_stats}
+TASKS = {"forward": bench_forward, "generate": bench_generate, "stats": bench_stats,
+         "edit": lambda model, params: bench_edit.bench_edit(model, params, _compiles)}
 
 
 def main(argv):
@@ -113,14 +116,22 @@ def main(argv):
             "results": TASKS[_TASK.value](model, params)}
   print(f"{report['task']} {report['model']} ({report['params'] / 1e6:.1f}M params) on "
         f"{report['device']} x{report['num_devices']}, jax {report['jax']}")
-  print(f"{'batch':>5} {'len':>5} {'compile_s':>10} {'#comp':>5} {'steady_ms':>10} {'tok/s':>10}")
-  for r in report["results"]:
-    print(f"{r['batch']:>5} {r['length']:>5} {r['compile_s']:>10.2f} {r['compiles']:>5} "
-          f"{r['steady_s'] * 1e3:>10.2f} {r['tokens_per_s']:>10.0f}")
+  if _TASK.value == "edit":
+    for r in report["results"]:
+      print(json.dumps(r))
+  else:
+    print_table(report)
   if _OUTPUT.value:
     os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
     with open(_OUTPUT.value, "w") as f:
       json.dump(report, f, indent=1)
+
+
+def print_table(report):
+  print(f"{'batch':>5} {'len':>5} {'compile_s':>10} {'#comp':>5} {'steady_ms':>10} {'tok/s':>10}")
+  for r in report["results"]:
+    print(f"{r['batch']:>5} {r['length']:>5} {r['compile_s']:>10.2f} {r['compiles']:>5} "
+          f"{r['steady_s'] * 1e3:>10.2f} {r['tokens_per_s']:>10.0f}")
 
 
 if __name__ == "__main__":
