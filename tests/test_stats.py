@@ -156,6 +156,13 @@ def test_check_covariance():
   with pytest.raises(errors.InputError, match="singular"):
     covariance.check_covariance(singular, "C")
   covariance.check_covariance(singular, rcond=0)  # PSD is fine for AlphaEdit
+  few = rng.normal(size=(20, 32)).astype(np.float32)  # rank 20 < 32, float32
+  few_C = np.asarray(covariance.outer_sum(few, np.ones(20, bool), jnp.float32))
+  with pytest.raises(errors.InputError, match="singular"):
+    covariance.check_covariance(few_C)
+  covariance.check_covariance(few_C, rcond=0)
+  ill = np.diag(np.geomspace(1, 1e-6, 8)).astype(np.float32)  # real-world κ
+  covariance.check_covariance(ill)
   with pytest.raises(errors.InputError, match="semi-definite"):
     covariance.check_covariance(good - 2 * np.eye(8) * good.max(), rcond=0)
   with pytest.raises(errors.InputError, match="symmetric"):
