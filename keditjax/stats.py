@@ -368,7 +368,8 @@ def fingerprints(model, layers, *, params=None, corpus=None,
   """
   layers = _check_layers(model, layers)
   return _fingerprints(model, layers, model.params if params is None
-                       else params, resolve_corpus(corpus), Recipe(**recipe))
+                       else params, resolve_corpus(corpus),
+                       Recipe(**recipe).normalized())
 
 
 def _fingerprints(model, layers, params, corpus: Corpus,
@@ -482,6 +483,20 @@ class Recipe:
   seq_len: int = DEFAULT_SEQ_LEN
   dtype: str = "float32"
   compute_dtype: str = "float32"
+
+  def normalized(self) -> "Recipe":
+    """Plain ints and strs (NumPy scalars or dtypes hash differently)."""
+    return Recipe(None if self.num_tokens is None else int(self.num_tokens),
+                  int(self.seq_len), _dtype_name(self.dtype),
+                  _dtype_name(self.compute_dtype))
+
+
+def _dtype_name(dtype) -> str:
+  """"float32" for np.float32, jnp.float32, "float32", ...; else str()."""
+  try:
+    return np.dtype(dtype).name
+  except TypeError:
+    return str(dtype)
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -667,8 +682,10 @@ def moments(model, layers, *, params=None, corpus=None,
       from keditjax import sharding
       mesh = sharding.make_mesh()
       batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
-  recipe = Recipe(num_tokens, seq_len, str(dtype), str(compute_dtype))
+  recipe = Recipe(num_tokens, seq_len, _dtype_name(dtype),
+                  _dtype_name(compute_dtype))
   _check_args(model, recipe, batch_size, mesh, checkpoint_every_s)
+  recipe = recipe.normalized()
   corpus = resolve_corpus(corpus)
   params = model.params if params is None else params
   if cache_dir is None or cache_dir is True:
