@@ -2,7 +2,7 @@ r"""Causal tracing (ROME §2) over known facts: heatmaps and numbers.
 
   python -m experiments.trace [--model=smollm2-135m] [--num_prompts=10]
       [--samples=10] [--window=10] [--noise=<3 x subject embedding std>]
-      [--only_correct] [--output_dir=runs/trace]
+      [--kinds=resid,mlp,attn] [--only_correct] [--output_dir=runs/trace]
       [--data_path=../shared/data/known_1000/known_1000.json]
 
 The answer is the model's greedy next token (`--only_correct` skips facts it
@@ -19,7 +19,6 @@ import os
 import time
 
 from absl import app, flags, logging
-import numpy as np
 from tqdm import tqdm
 
 from keditjax import models
@@ -37,6 +36,7 @@ _WINDOW = flags.DEFINE_integer(
 _NOISE = flags.DEFINE_float(
     "noise", None, "Noise std (default: 3 x the subjects' embedding std).")
 _SEED = flags.DEFINE_integer("seed", 1, "Noise seed.")
+_KINDS = flags.DEFINE_list("kinds", list(tracing.KINDS), "States to restore.")
 _ONLY_CORRECT = flags.DEFINE_bool(
     "only_correct", False, "Skip facts the model gets wrong (as ROME does).")
 _OUTPUT = flags.DEFINE_string("output_dir", "runs/trace", "Output directory.")
@@ -66,26 +66,23 @@ def main(argv):
     trace = tracing.causal_trace(
         model, record["prompt"], record["subject"], noise=noise,
         samples=_SAMPLES.value, window=_WINDOW.value, seed=_SEED.value,
-        progress=True)
+        kinds=_KINDS.value, progress=True)
     tracing.plot_trace(trace, os.path.join(
         _OUTPUT.value, f"trace_{record['known_id']}.png"))
     traces.append(trace)
-    prompts.append({"known_id": record["known_id"],
-                    "attribute": record["attribute"],
-                    "correct": is_correct(trace.answer, record),
+    prompts.append({"known_id": record["known_id"], "correct": is_correct(
+        trace.answer, record), "attribute": record["attribute"],
                     **trace.to_json()})
-    tqdm.write(f"{trace.prompt!r} -> {trace.answer!r} (correct="
-               f"{prompts[-1]['correct']}) clean p={trace.high_score:.3f} "
-               f"corrupted p={trace.low_score:.3f}")
+    tqdm.write(f"{trace.prompt!r} -> {trace.answer!r} {prompts[-1]['correct']}"
+               f" p clean {trace.high_score:.3f} corrupted {trace.low_score:.3f}")
   seconds = time.perf_counter() - start
   average = tracing.average_traces(traces)
   tracing.plot_average(average, os.path.join(_OUTPUT.value, "average.png"),
                        f"{model.name}: average indirect effect, "
                        f"{len(traces)} prompts")
-  peaks = {kind: {group: [int(l) for l in np.argsort(-np.nan_to_num(
-      average[kind]["effect"][tracing.GROUPS.index(group)], nan=-1))[:3]]
+  peaks = {kind: {group: tracing.peak_layers(average, kind, group)
                   for group in ("last subject token", "last token")}
-           for kind in tracing.KINDS}
+           for kind in _KINDS.value}
   with open(os.path.join(_OUTPUT.value, "trace.json"), "w") as f:
     json.dump(tracing.to_json({
         "model": model.name, "noise": noise, "samples": _SAMPLES.value,

@@ -70,15 +70,18 @@ def planted():
   return _planted_model()
 
 
-@pytest.fixture(scope="module")
-def planted_trace(planted):
-  noise = 3 * tracing.embedding_std(planted, ["al bo"])
-  return tracing.causal_trace(planted, "the al bo is in", "al bo", noise=noise,
-                              samples=8, window=1, chunk_size=64)
+@pytest.fixture(scope="module", params=[PLANTED_LAYER, 2])
+def planted_trace(request):
+  """(trace, planted layer): the fact planted at two different layers."""
+  model = _planted_model(layer=request.param)
+  noise = 3 * tracing.embedding_std(model, ["al bo"])
+  trace = tracing.causal_trace(model, "the al bo is in", "al bo", noise=noise,
+                               samples=8, window=1, chunk_size=64)
+  return trace, request.param
 
 
 def test_trace_recovers_the_planted_mlp_site(planted_trace):
-  trace = planted_trace
+  trace, layer = planted_trace
   assert trace.tokens == ("the", "al", "bo", "is", "in")
   assert trace.subject_range == (1, 3)
   assert trace.answer == "yes"
@@ -86,17 +89,17 @@ def test_trace_recovers_the_planted_mlp_site(planted_trace):
   effect = trace.indirect_effect("mlp")
   assert effect.shape == (5, 4)
   peak = np.unravel_index(np.argmax(effect), effect.shape)
-  assert peak == (2, PLANTED_LAYER)  # last subject token, planted layer
+  assert peak == (2, layer)  # last subject token, planted layer
   assert effect[peak] > 0.5
   elsewhere = np.delete(effect.ravel(), np.ravel_multi_index(peak, effect.shape))
   assert np.abs(elsewhere).max() < 0.1 * effect[peak]
   # The attention that moves the fact: last token, the block after.
   attn = trace.indirect_effect("attn")
-  assert np.unravel_index(np.argmax(attn), attn.shape) == (4, PLANTED_LAYER + 1)
+  assert np.unravel_index(np.argmax(attn), attn.shape) == (4, layer + 1)
 
 
 def test_resid_trace_semantics(planted_trace):
-  trace = planted_trace
+  trace, layer = planted_trace
   scores = trace.scores["resid"]
   # The whole residual stream at the last token, last layer: the clean run.
   np.testing.assert_allclose(scores[4, -1], trace.high_score, atol=1e-6)
@@ -104,8 +107,8 @@ def test_resid_trace_semantics(planted_trace):
   np.testing.assert_allclose(scores[0], trace.low_score, atol=1e-6)
   # The subject's last token carries the fact up to the MLP that reads it;
   # once the attention above has read it, restoring it there is too late.
-  assert scores[2, :PLANTED_LAYER + 1].min() > 0.5
-  assert scores[2, PLANTED_LAYER + 1:].max() < trace.low_score + 0.05
+  assert scores[2, :layer + 1].min() > 0.5
+  assert scores[2, layer + 1:].max() < trace.low_score + 0.05
 
 
 def _reference_score(model, trace, clean, kind, token, centre):
@@ -129,19 +132,22 @@ def _reference_score(model, trace, clean, kind, token, centre):
   return float(jax.nn.softmax(logits[:, -1])[:, trace.answer_id].mean())
 
 
-@pytest.mark.parametrize("name", ["llama_gqa_tied", "gpt2"])
-def test_batched_trace_equals_one_pass_per_restoration(name):
+@pytest.mark.parametrize("name, prompt, checks", [
+    # Six tokens: restored spans fall in two length buckets.
+    ("llama_gqa_tied", "w5 w17 w99 w3 w42 w8", [(1, 0), (2, 1), (4, 0), (5, 1)]),
+    ("gpt2", "w5 w17 w99 w3", [(1, 1), (2, 0), (3, 1)])])
+def test_batched_trace_equals_one_pass_per_restoration(name, prompt, checks):
   golden = load("hf:" + golden_dir(name))
   vocab = [f"w{i}" for i in range(golden.config.vocab_size)]
   model = LanguageModel(golden.config, golden.params, _word_tokenizer(vocab))
-  trace = tracing.causal_trace(model, "w5 w17 w99 w3 w42 w8", "w17 w99",
-                               noise=0.5, samples=3, window=3, chunk_size=32)
+  trace = tracing.causal_trace(model, prompt, "w17 w99", noise=0.5, samples=3,
+                               window=3, chunk_size=32)
   assert trace.subject_range == (1, 3)
   _, clean = lm.forward(model.config, model.params,
                         np.array(trace.token_ids)[None],
                         sites=sites.capture(*model.site_names()))
   for kind in tracing.KINDS:
-    for token, centre in [(1, 0), (2, 1), (4, 0), (5, 1)]:
+    for token, centre in checks:
       np.testing.assert_allclose(
           trace.scores[kind][token, centre],
           _reference_score(model, trace, clean, kind, token, centre), atol=2e-6,
@@ -249,7 +255,8 @@ def test_launcher_writes_heatmaps_and_json(planted, tmp_path):
   data.write_text(json.dumps([
       {"known_id": 7, "subject": "al bo", "attribute": "yes",
        "prompt": "the al bo is in"},
-      {"known_id": 8, "subject": "bo", "attribute": "no", "prompt": "al bo is"}]))
+      {"known_id": 8, "subject": "al", "attribute": "no",
+       "prompt": "the al bo is in"}]))
   out = tmp_path / "out"
   with flagsaver.flagsaver(model="hf:" + model_dir, data_path=str(data),
                            output_dir=str(out), num_prompts=2, samples=2,
@@ -262,14 +269,17 @@ def test_launcher_writes_heatmaps_and_json(planted, tmp_path):
   assert sorted(os.listdir(out)) == ["average.png", "trace.json",
                                      "trace_7.png", "trace_8.png"]
   # As in ROME, --only_correct skips facts the model gets wrong.
-  data.write_text(json.dumps([{"known_id": 8, "subject": "bo", "attribute": "no",
-                               "prompt": "al bo is"}] * 3 + [
+  data.write_text(json.dumps([{"known_id": 8, "subject": "al", "attribute": "no",
+                               "prompt": "the al bo is in"}] * 3 + [
       {"known_id": 7, "subject": "al bo", "attribute": "yes",
        "prompt": "the al bo is in"}]))
   with flagsaver.flagsaver(model="hf:" + model_dir, data_path=str(data),
                            output_dir=str(out / "correct"), num_prompts=1,
-                           samples=1, window=1, only_correct=True, noise=0.5):
+                           samples=1, window=1, only_correct=True, noise=0.5,
+                           kinds=["mlp"]):
     launcher.main([])
   result = json.loads((out / "correct" / "trace.json").read_text())
   assert [p["known_id"] for p in result["prompts"]] == [7]
   assert result["noise"] == 0.5
+  assert list(result["peak_layers"]) == ["mlp"]
+  assert result["peak_layers"]["mlp"]["last subject token"][0] == PLANTED_LAYER
