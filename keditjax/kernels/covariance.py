@@ -20,6 +20,7 @@ passes on accelerators). A float64 accumulator (keys are cast up, as ROME's
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -48,7 +49,9 @@ def init(features: int, dtype: str = "float32"):
   if str(dtype) not in ACCUMULATOR_DTYPES:
     raise errors.ConfigError(
         f"accumulator dtype={dtype!r}; use one of {ACCUMULATOR_DTYPES}.")
-  with jax.enable_x64(str(dtype) == "float64"):
+  x64 = (jax.enable_x64(True) if str(dtype) == "float64"
+         else contextlib.nullcontext())
+  with x64:
     return (jnp.zeros((features, features), dtype),
             jnp.zeros((), jnp.int32))
 
