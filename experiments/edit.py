@@ -13,10 +13,11 @@ the edited model (Hugging Face format). Hyper-parameters: `--config.<method>.<fi
 import json
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 import numpy as np
 
+from experiments import common
 from experiments.configs import editors as editor_configs
 from keditjax import editors, models
 
@@ -61,7 +62,7 @@ def show(title, results):
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)
+  common.setup()
   model = models.load(FLAGS.model)
   request = editors.make_request(dict(prompt=FLAGS.prompt, subject=FLAGS.subject,
                                       target_new=FLAGS.target_new, target_true=FLAGS.target_true))

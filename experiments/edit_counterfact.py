@@ -11,13 +11,15 @@ Scores: CounterFact's probability comparisons (`keditjax.evaluation.counterfact`
 """
 
 import json
+import os
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 import numpy as np
 import tqdm
 
+from experiments import common
 from experiments.configs import editors as editor_configs
 from keditjax import editors, models
 from keditjax.evaluation import counterfact
@@ -27,14 +29,15 @@ flags.DEFINE_enum("method", "rome", list(editors.METHODS), "Editing method.")
 flags.DEFINE_string("data_path", "../shared/data/counterfact/counterfact-edit.json", "Records.")
 flags.DEFINE_integer("num_records", 200, "First N records.")
 flags.DEFINE_enum("mode", "single", ["single", "batch"], "Edit one at a time or all at once.")
-flags.DEFINE_string("output_json", None, "Write results here.")
+flags.DEFINE_string("output_json", None, "Write results here (single mode also appends "
+                    "each record's margins to <output_json>.jsonl as it goes).")
 config_flags.DEFINE_config_file("config", "experiments/configs/editors.py", "Editor hyper-parameters.")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)
+  common.setup()
   model = models.load(FLAGS.model)
   records = counterfact.load_records(FLAGS.data_path, FLAGS.num_records)
   hparams = editor_configs.hparams_from(FLAGS.config, FLAGS.method)
@@ -44,6 +47,8 @@ def main(argv):
   init_s = time.perf_counter() - start
   unedited = counterfact.scores(model, model.params, records)
   times, per_record = [], {k: [] for k in ("efficacy", "paraphrase", "neighborhood")}
+  if FLAGS.output_json and os.path.exists(FLAGS.output_json + "l"):
+    os.remove(FLAGS.output_json + "l")
   if FLAGS.mode == "batch":
     start = time.perf_counter()
     params, _, info = editor.apply(model.params, records, state)
@@ -61,6 +66,11 @@ def main(argv):
       one = counterfact.scores(model, params, [record])["per_record"]
       for k in per_record:
         per_record[k] += one[k]
+      if FLAGS.output_json:
+        with open(FLAGS.output_json + "l", "a") as f:
+          f.write(json.dumps({"case_id": record.get("case_id"), "seconds": times[-1],
+                              "phases": info.seconds, "steps": info.extras.get("steps"),
+                              **{k: v[0] for k, v in one.items()}}) + "\n")
     edited = {f"{k}_score": float(np.mean(np.array(v) > 0) * 100) for k, v in per_record.items()}
     edited.update({f"{k}_magnitude": float(np.mean(v)) for k, v in per_record.items()})
   rows = [("unedited", unedited), (FLAGS.method, edited)]
