@@ -76,7 +76,7 @@ def planted_trace(request):
   model = _planted_model(layer=request.param)
   noise = 3 * tracing.embedding_std(model, ["al bo"])
   trace = tracing.causal_trace(model, "the al bo is in", "al bo", noise=noise,
-                               samples=8, window=1, chunk_size=64)
+                               samples=8, window=1)
   return trace, request.param
 
 
@@ -157,7 +157,7 @@ def test_batched_trace_equals_one_pass_per_restoration(name, prompt, checks):
 def test_noise_is_reproducible_from_the_seed(planted):
   run = lambda seed: tracing.causal_trace(
       planted, "the al bo is in", "al bo", noise=0.7, samples=2, window=1,
-      kinds=("mlp",), seed=seed, chunk_size=64)
+      kinds=("mlp",), seed=seed)
   a, b, c = run(3), run(3), run(4)
   np.testing.assert_array_equal(a.scores["mlp"], b.scores["mlp"])
   assert a.low_score == b.low_score != c.low_score
@@ -169,7 +169,7 @@ def test_a_new_prompt_in_the_same_buckets_does_not_recompile(planted):
   listener = lambda event, secs, **_: compiles.append(event) if (
       event == "/jax/core/compile/backend_compile_duration") else None
   run = lambda prompt, subject: tracing.causal_trace(
-      planted, prompt, subject, noise=0.7, samples=2, window=2, chunk_size=64)
+      planted, prompt, subject, noise=0.7, samples=2, window=2)
   run("the al bo is in", "al bo")
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
@@ -275,7 +275,7 @@ def test_launcher_writes_heatmaps_and_json(planted, tmp_path):
        "prompt": "the al bo is in"}]))
   with flagsaver.flagsaver(model="hf:" + model_dir, data_path=str(data),
                            output_dir=str(out / "correct"), num_prompts=1,
-                           samples=1, window=1, only_correct=True, noise=0.5,
+                           samples=2, window=1, only_correct=True, noise=0.5,
                            kinds=["mlp"]):
     launcher.main([])
   result = json.loads((out / "correct" / "trace.json").read_text())
