@@ -18,9 +18,10 @@ import json
 import os
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 from tqdm import tqdm
 
+from experiments import common
 from keditjax import models
 from keditjax.analysis import tracing
 
@@ -49,7 +50,7 @@ def is_correct(answer, record):
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)  # keep the output to results
+  common.setup()  # quiet logs, persistent XLA cache
   with open(_DATA.value) as f:
     records = json.load(f)
   model = models.load(_MODEL.value)

@@ -244,11 +244,13 @@ def test_average_pools_rome_token_groups():
       "mlp"]["effect"][4] == [None, None]
 
 
-def test_launcher_writes_heatmaps_and_json(planted, tmp_path):
+def test_launcher_writes_heatmaps_and_json(planted, tmp_path, monkeypatch):
   from absl import flags
   from absl.testing import flagsaver
   from experiments import trace as launcher
   flags.FLAGS.mark_as_parsed()
+  # Keep the process-wide JAX config (persistent cache) as the suite set it.
+  monkeypatch.setattr(launcher.common, "setup", lambda: None)
   from keditjax import models
   model_dir = models.save(planted, str(tmp_path / "model"))
   data = tmp_path / "known.json"

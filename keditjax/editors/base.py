@@ -127,8 +127,8 @@ class EditInfo:
 
   Attributes:
     changed: parameter path ("layers_4/mlp/down_proj/kernel") -> dict with the
-      Frobenius norm of the change (`delta_norm`), the norm of the old leaf
-      (`weight_norm`) and the change's rank (`rank`, when computed).
+      Frobenius norm of the change (`delta_norm`) and of the old leaf
+      (`weight_norm`); `rank` too when asked for (an SVD: not by default).
     seconds: phase name -> wall seconds (phases are editor specific).
     extras: anything else the editor reports (losses, steps, ...).
   """

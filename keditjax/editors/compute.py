@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tqdm
 
 from keditjax import errors
 from keditjax.editors.base import Request
@@ -430,7 +431,11 @@ def optimize_values(model, params, requests, templates, *, layer: int,
                              for _, s, _ in rows), 16)
   results = {k: [None] * len(requests)
              for k in ("delta", "v0", "steps", "loss", "nll", "nll_history")}
-  for start in range(0, len(requests), chunk):
+  starts = range(0, len(requests), chunk)
+  if len(starts) > 1:
+    starts = tqdm.tqdm(starts, desc=f"v* ({len(requests)} requests)",
+                       unit="chunk", leave=False)
+  for start in starts:
     part = order[start:start + chunk]
     # Pad the last chunk with copies of its last request (results dropped)
     # so that every chunk has the same row count.

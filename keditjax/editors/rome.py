@@ -180,7 +180,7 @@ def rome(hparams: RomeHParams = RomeHParams()) -> base.Editor:
       extras["delta_norm"].append(float(np.linalg.norm(delta_D)))
     info = base.EditInfo(
         changed=base.describe_changes(params, {path: base.get_leaf(
-            new_params, path)}, with_rank=len(requests) == 1),
+            new_params, path)}),
         seconds=timer.seconds, extras=extras)
     return new_params, state, info
 
