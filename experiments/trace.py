@@ -54,9 +54,8 @@ def main(argv):
   with open(_DATA.value) as f:
     records = json.load(f)
   model = models.load(_MODEL.value)
-  # ROME: 3 x the embedding std over all known facts' subjects.
-  noise = _NOISE.value if _NOISE.value is not None else (
-      3 * tracing.embedding_std(model, [r["subject"] for r in records]))
+  noise = _NOISE.value if _NOISE.value is not None else 3 * (  # as ROME
+      tracing.embedding_std(model, [r["subject"] for r in records]))
   if _ONLY_CORRECT.value:
     records = (r for r in records
                if is_correct(model.generate(model.params, r["prompt"], 1), r))
