@@ -264,6 +264,14 @@ class ValueHParams:
           f"{self.clamp_norm_factor}.")
 
 
+def value_hparams(hp) -> ValueHParams:
+  """The v* settings of an editor's hparams (fields `v_steps`, `v_lr`, ...)."""
+  return ValueHParams(
+      steps=hp.v_steps, lr=hp.v_lr, weight_decay=hp.v_weight_decay,
+      kl_factor=hp.kl_factor, clamp_norm_factor=hp.clamp_norm_factor,
+      stop_loss=hp.v_stop_loss, stop_on=hp.v_stop_on)
+
+
 KL_PROMPTS = ("{} is a",)
 
 

@@ -61,10 +61,7 @@ class MemitHParams:
   seed: int = 0
 
   def value_hparams(self) -> compute.ValueHParams:
-    return compute.ValueHParams(
-        steps=self.v_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
-        kl_factor=self.kl_factor, clamp_norm_factor=self.clamp_norm_factor,
-        stop_loss=self.v_stop_loss, stop_on=self.v_stop_on)
+    return compute.value_hparams(self)
 
   def lam(self, intermediate_size: int) -> float:
     if self.mom2_update_weight is not None:

@@ -67,10 +67,7 @@ class RomeHParams:
   seed: int = 0
 
   def value_hparams(self) -> compute.ValueHParams:
-    return compute.ValueHParams(
-        steps=self.v_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
-        kl_factor=self.kl_factor, clamp_norm_factor=self.clamp_norm_factor,
-        stop_loss=self.v_stop_loss, stop_on=self.v_stop_on)
+    return compute.value_hparams(self)
 
 
 @dataclasses.dataclass
