@@ -18,7 +18,6 @@ import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from keditjax import errors
@@ -226,12 +225,6 @@ def describe_changes(old_params, updates: Mapping[tuple, Any],
   return changed
 
 
-def check_finite(name: str, array) -> None:
-  """Raises `InputError` if `array` has NaN or infinite entries."""
-  if not np.all(np.isfinite(np.asarray(array))):
-    raise errors.InputError(f"{name} contains NaN or infinite values.")
-
-
 def check_layers(layers: Iterable[int], num_layers: int, field: str) -> tuple:
   """Validates edit layers against the model depth (before any work)."""
   layers = tuple(int(l) for l in layers)
@@ -244,6 +237,3 @@ def check_layers(layers: Iterable[int], num_layers: int, field: str) -> tuple:
         f"layers 0..{num_layers - 1}.")
   return layers
 
-
-def as_jnp(tree):
-  return jax.tree.map(jnp.asarray, tree)
