@@ -121,12 +121,12 @@ def spread_update(params, requests, state, hparams, solve):
   new_params = params
   updates, keys_by_layer = {}, {}
   n_templates = len(state.templates)
+  rows = [compute.tokenize_around_subject(model.tokenizer, compute.fill(t, r),
+                                          r.subject)
+          for r in requests for t in state.templates]
   for i, layer in enumerate(layers):
     with timer("key"):
       key_site, z_site = f"layer/{layer}/mlp/key", f"layer/{last}/resid"
-      rows = [compute.tokenize_around_subject(
-          model.tokenizer, compute.fill(t, r), r.subject)
-              for r in requests for t in state.templates]
       got = compute.capture_at_subject(model, new_params, rows,
                                        [key_site, z_site])
       keys_NxF = got[key_site].reshape(len(requests), n_templates, -1).mean(1)
