@@ -53,7 +53,6 @@ import time
 import warnings
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,6 +62,7 @@ from keditjax import errors
 from keditjax.kernels import covariance
 from keditjax.kernels.covariance import check_covariance  # re-exported
 from keditjax.models import lm
+from keditjax.models import precision
 from keditjax.models import sites as sites_lib
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -302,15 +302,8 @@ def _batches(rows: Iterator[np.ndarray], batch_size: int, seq_len: int,
 # -- fingerprints -------------------------------------------------------------
 
 
-def _path_str(key_path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(
-      k, "idx", k)))) for k in key_path)
-
-
-def _layer_of(path: str) -> int | None:
-  """`layers_3/...` or `h_3/...` -> 3; None for embeddings, final norms."""
-  match = re.match(r"^[A-Za-z]+_(\d+)(/|$)", path)
-  return None if match is None else int(match.group(1))
+_path_str = precision.path_str
+_layer_of = precision.layer_of
 
 
 def _leaf_digests(model, params, max_layer: int) -> dict[str, str]:
@@ -499,37 +492,7 @@ def _dtype_name(dtype) -> str:
     return str(dtype)
 
 
-COMPUTE_DTYPES = ("float32", "bfloat16")
-
-
-def _bfloat16_dense(next_fun, args, kwargs, context):
-  """A Flax method interceptor: `nn.Dense` in bfloat16, float32 accumulation."""
-  module = context.module
-  if not (isinstance(module, nn.Dense) and context.method_name == "__call__"):
-    return next_fun(*args, **kwargs)
-  params = module.variables["params"]
-  x = args[0]
-  y = jax.lax.dot_general(
-      x.astype(jnp.bfloat16), params["kernel"].astype(jnp.bfloat16),
-      (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-  if "bias" in params:
-    y = y + params["bias"].astype(jnp.float32)
-  return y
-
-
-def _bfloat16_kernels(params, max_layer: int):
-  """Dense kernels up to `max_layer` cast once, so no step re-rounds them."""
-  def cast(key_path, leaf):
-    path = _path_str(key_path)
-    layer = _layer_of(path)
-    if path.endswith("kernel") and np.ndim(leaf) == 2 and (
-        layer is None or layer <= max_layer):
-      return _to_bfloat16(leaf)
-    return leaf
-  return jax.tree_util.tree_map_with_path(cast, params)
-
-
-_to_bfloat16 = jax.jit(lambda x: x.astype(jnp.bfloat16))
+COMPUTE_DTYPES = precision.COMPUTE_DTYPES
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -560,8 +523,7 @@ def _accumulate_step(sums, params, tokens_BxL, mask_BxL, *, config, layers,
   heads = None
   if stop == config.num_layers:  # the pass would end in the LM head: 1 position
     heads = jnp.zeros((tokens_BxL.shape[0], 1), jnp.int32)
-  with (nn.intercept_methods(_bfloat16_dense) if compute_dtype == "bfloat16"
-        else contextlib.nullcontext()):
+  with precision.compute_dtype(compute_dtype):
     _, out, _ = lm.run(config, params, tokens_BxL, attention_mask=mask_BxL,
                        stop_layer=stop, logit_positions=heads,
                        sites=sites_lib.capture(*map(site, layers)))
@@ -763,7 +725,7 @@ def _compute(model, layers, params, corpus, fps, recipe: Recipe, batch_size,
   batches = itertools.chain([first] if first else [], batches)
 
   if recipe.compute_dtype == "bfloat16":
-    params = _bfloat16_kernels(params, max(layers))
+    params = precision.cast_kernels(params, max_layer=max(layers))
   if mesh is not None:
     from keditjax import sharding
     params = sharding.shard_params(params, mesh)

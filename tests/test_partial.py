@@ -51,3 +51,28 @@ def test_bad_span_is_refused(model):
   with pytest.raises(ValueError, match="outside"):
     lm.run(model.config, model.params, jnp.zeros((1, 3), jnp.int32),
            stop_layer=model.config.num_layers + 1)
+
+
+def test_scanned_blocks_equal_unrolled_pass(model):
+  """`run_scanned` (one traced block under `lax.scan`) equals `run`."""
+  c, p = model.config, model.params
+  rng = np.random.default_rng(2)
+  tokens = jnp.asarray(rng.integers(0, c.vocab_size, (2, 10)), jnp.int32)
+  mask = jnp.asarray(np.array([[1] * 10, [0, 0] + [1] * 8]), jnp.int32)
+  full, _, _ = lm.run(c, p, tokens, attention_mask=mask)
+  cache = layers.init_cache(c, 2, 10)
+  _, _, cache = lm.run(c, p, tokens[:, :6], attention_mask=mask[:, :6],
+                       cache=cache)
+  hidden, _, _ = lm.run(c, p, tokens[:, 6:], attention_mask=mask[:, 6:],
+                        stop_layer=1, cache=cache)
+  pos = jnp.array([[0, 3], [2, 1]])
+  logits = lm.run_scanned(c, p, hidden, start_layer=1, cache=cache,
+                          attention_mask=mask[:, 6:], logit_positions=pos)
+  want = np.take_along_axis(np.asarray(full[:, 6:]),
+                            np.asarray(pos)[..., None], axis=1)
+  np.testing.assert_allclose(logits, want, atol=2e-5, rtol=1e-4)
+  # Without a cache, from block 0's input.
+  emb, _, _ = lm.run(c, p, tokens, stop_layer=0, attention_mask=mask)
+  np.testing.assert_allclose(
+      lm.run_scanned(c, p, emb, start_layer=0, attention_mask=mask), full,
+      atol=2e-5, rtol=1e-4)

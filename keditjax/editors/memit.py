@@ -52,6 +52,8 @@ class MemitHParams:
   clamp_norm_factor: float = 4.0
   v_stop_loss: float = 5e-2
   v_stop_on: str = "nll"
+  v_compute_dtype: str = "float32"
+  v_scan_layers: bool = False
   v_chunk: int = 8
   mom2_update_weight: float | None = None
   lambda_per_unit: float = 1.0

@@ -42,8 +42,8 @@ class RomeHParams:
     context_lengths: (tokens, count) pairs of generated context prefixes
       [context_template_length_params].
     v_steps, v_lr, v_weight_decay, kl_factor, clamp_norm_factor,
-    v_stop_loss, v_stop_on: the v* optimisation (see
-    `compute.ValueHParams`).
+    v_stop_loss, v_stop_on, v_compute_dtype, v_scan_layers: the v*
+      optimisation (see `compute.ValueHParams`).
     use_covariance: use the key second moment C [mom2_adjustment]; False
       uses the identity.
     mom2_tokens: corpus tokens for C [mom2_n_samples, in tokens].
@@ -60,6 +60,8 @@ class RomeHParams:
   clamp_norm_factor: float = 4.0
   v_stop_loss: float = 5e-2
   v_stop_on: str = "nll"
+  v_compute_dtype: str = "float32"
+  v_scan_layers: bool = False
   use_covariance: bool = True
   mom2_tokens: int = 200_000
   mom2_corpus: str | None = None

@@ -103,6 +103,20 @@ class GPT2LM(nn.Module):
     return logits, out, new_cache
 
 
+BLOCK_NAME = "h_{l}"
+
+
+def apply_block(config: ModelConfig, params, x_BxLxD, positions_BxL, mask,
+                layer_cache, index):
+  """One block on its own parameter subtree, without sites (`lm.run_scanned`).
+
+  Returns:
+    (residual stream after the block, the block's updated cache).
+  """
+  del positions_BxL  # positions enter with the embeddings
+  return Block(config, 0).apply({"params": params}, x_BxLxD, mask, Sites(), {}, layer_cache, index)
+
+
 # Hugging Face tensor name -> our parameter path (no transforms: Conv1D is
 # already [in, out]). GPT2LMHeadModel saves `transformer.h.0...`, GPT2Model
 # (and the original hub checkpoints) `h.0...`: every row exists with both

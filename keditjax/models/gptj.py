@@ -105,6 +105,19 @@ class GPTJLM(nn.Module):
     return logits, out, new_cache
 
 
+BLOCK_NAME = "h_{l}"
+
+
+def apply_block(config: ModelConfig, params, x_BxLxD, positions_BxL, mask,
+                layer_cache, index):
+  """One block on its own parameter subtree, without sites (`lm.run_scanned`).
+
+  Returns:
+    (residual stream after the block, the block's updated cache).
+  """
+  return Block(config, 0).apply({"params": params}, x_BxLxD, positions_BxL, mask, Sites(), {}, layer_cache, index)
+
+
 # Hugging Face tensor name -> our parameter path, and the transform ("T":
 # torch Linear [out, in] -> our [in, out] kernel).
 HF_TABLE = (

@@ -127,6 +127,19 @@ class LlamaLM(nn.Module):
     return logits, out, new_cache
 
 
+BLOCK_NAME = "layers_{l}"
+
+
+def apply_block(config: ModelConfig, params, x_BxLxD, positions_BxL, mask,
+                layer_cache, index):
+  """One block on its own parameter subtree, without sites (`lm.run_scanned`).
+
+  Returns:
+    (residual stream after the block, the block's updated cache).
+  """
+  return Block(config, 0).apply({"params": params}, x_BxLxD, positions_BxL, mask, Sites(), {}, layer_cache, index)
+
+
 # Hugging Face tensor name -> our parameter path, and the transform between
 # them ("T": transpose a torch Linear [out, in] into our [in, out] kernel).
 HF_TABLE = (

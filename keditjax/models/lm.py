@@ -53,6 +53,67 @@ def run(config: ModelConfig, params, tokens_BxL=None, *, hidden=None,
                       stop_layer=stop_layer, logit_positions=logit_positions)
 
 
+def stack_blocks(config: ModelConfig, params, start_layer: int, cache=None):
+  """Blocks `[start_layer, L)`'s parameters (and cache) on a leading axis.
+
+  Returns:
+    `{"params": ..., "cache": ...}` (no "cache" without one), the `xs` of
+    `run_scanned`'s scan.
+  """
+  arch = registry.get_arch(config.arch)
+  start, stop = layers.layer_span(config, start_layer, None)
+  stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+  out = {"params": stack([params[arch.block_name.format(l=i)]
+                          for i in range(start, stop)])}
+  if cache is not None:
+    out["cache"] = stack(cache["layers"][start:stop])
+  return out
+
+
+def run_scanned(config: ModelConfig, params, hidden, *, start_layer: int,
+                attention_mask=None, cache=None, logit_positions=None,
+                stacked=None):
+  """Blocks `[start_layer, L)` as one `lax.scan`, then the LM head.
+
+  Equal to `run(..., hidden=hidden, start_layer=start_layer)` but traced
+  once per block instead of once per layer, so a jitted loop over many
+  blocks (the v* optimisation) compiles in seconds. No sites; the cache is
+  read, not returned.
+
+  Args:
+    config, params: the model.
+    hidden: residual stream `[B, L, D]` entering block `start_layer`.
+    start_layer: first block (static).
+    attention_mask, cache, logit_positions: as in `run`.
+    stacked: `stack_blocks(config, params, start_layer, cache)`, when the
+      caller keeps it (e.g. outside a loop); computed here otherwise.
+
+  Returns:
+    logits `[B, T or L, V]`.
+  """
+  arch = registry.get_arch(config.arch)
+  if arch.apply_block is None:
+    raise errors.ConfigError(f"{config.arch} has no scannable decoder blocks.")
+  start, _ = layers.layer_span(config, start_layer, None)
+  positions_BxL, mask, _ = layers.positions_and_mask(
+      config, hidden, None, attention_mask, cache)
+  if stacked is None:
+    stacked = stack_blocks(config, params, start, cache)
+  index = None if cache is None else cache["index"]
+
+  def body(x_BxLxD, block):
+    x_BxLxD, _ = arch.apply_block(config, block["params"], x_BxLxD,
+                                  positions_BxL, mask, block.get("cache"),
+                                  index)
+    return x_BxLxD, None
+
+  x_BxLxD, _ = jax.lax.scan(body, hidden, stacked)
+  logits, _, _ = run(config, params, hidden=x_BxLxD,
+                     start_layer=config.num_layers,
+                     logit_positions=logit_positions)
+  return logits
+
+
 @functools.partial(jax.jit, static_argnames=("config",))
 def forward(config: ModelConfig, params, tokens_BxL, attention_mask_BxL=None,
             positions_BxL=None, sites: Sites = sites_lib.NO_SITES):

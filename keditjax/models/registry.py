@@ -24,11 +24,16 @@ class Arch:
       stands for a layer index, transform is None or "T" (transpose).
     hf_ignore: regexes of HF tensors that are buffers, not parameters.
     site_params: site kind -> parameter path template (`{l}` = layer).
+    apply_block: `(config, block_params, x, positions, mask, layer_cache,
+      index) -> (x, cache)` for decoders (None for encoders).
+    block_name: the parameter name of block `{l}` (e.g. "layers_{l}").
   """
   module: Any
   hf_table: tuple
   hf_ignore: tuple
   site_params: dict
+  apply_block: Any = None
+  block_name: str | None = None
 
 
 def get_arch(arch: str) -> Arch:
@@ -37,11 +42,11 @@ def get_arch(arch: str) -> Arch:
   from keditjax.models import bert, gpt2, gptj, llama
   table = {
       "llama": Arch(llama.LlamaLM, llama.HF_TABLE, llama.HF_IGNORE,
-                    llama.SITE_PARAMS),
+                    llama.SITE_PARAMS, llama.apply_block, llama.BLOCK_NAME),
       "gpt2": Arch(gpt2.GPT2LM, gpt2.HF_TABLE, gpt2.HF_IGNORE,
-                   gpt2.SITE_PARAMS),
+                   gpt2.SITE_PARAMS, gpt2.apply_block, gpt2.BLOCK_NAME),
       "gptj": Arch(gptj.GPTJLM, gptj.HF_TABLE, gptj.HF_IGNORE,
-                   gptj.SITE_PARAMS),
+                   gptj.SITE_PARAMS, gptj.apply_block, gptj.BLOCK_NAME),
       "bert": Arch(bert.BertEncoder, bert.HF_TABLE, bert.HF_IGNORE,
                    bert.SITE_PARAMS),
   }
