@@ -298,3 +298,24 @@ def test_bad_requests_fail_before_work(model, monkeypatch):
     editors.get("rome", learning_rate=1.0)
   with pytest.raises(errors.ConfigError, match="Unknown editing method"):
     editors.get("bogus")
+
+
+def test_row_stream_equals_recomputing_from_the_embeddings(model):
+  """MEMIT's incremental passes see lower-layer edits like a full rerun."""
+  rows = [compute.tokenize_around_subject(model.tokenizer, compute.fill(t, r),
+                                          r.subject)
+          for r in base.make_requests(REQUESTS) for t in TEMPLATES]
+  stream = compute.RowStream(model, rows, batch_size=4)  # several batches
+  stream.advance(model.params, 1)
+  path = model.site_param("layer/1/mlp/value")
+  w = base.get_leaf(model.params, path)
+  edited = base.replace_leaves(model.params, {path: w * 3.0})
+  stream.advance(edited, 2)
+  names = ["layer/2/mlp/key", "layer/3/resid"]
+  got = stream.peek(edited, 4, names)
+  want = compute.capture_at_subject(model, edited, rows, names)
+  for name in names:
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5)
+  # The lower-layer edit changed what the stream sees above it.
+  assert not np.allclose(got["layer/3/resid"], compute.capture_at_subject(
+      model, model.params, rows, ["layer/3/resid"])["layer/3/resid"])

@@ -207,6 +207,78 @@ def capture_at_subject(model, params, texts_and_lasts, names: Sequence[str],
   return {n: np.concatenate(v) for n, v in results.items()}
 
 
+@functools.partial(jax.jit, static_argnames=("config", "start", "stop",
+                                             "names", "keep"))
+def _block_pass(config, params, hidden, tokens_BxL, mask_BxL, last_Bx1, *,
+                start, stop, names, keep):
+  sites = sites_lib.capture(*names, positions=last_Bx1)
+  h, out, _ = lm.run(config, params, None if start else tokens_BxL,
+                     hidden=hidden if start else None, start_layer=start,
+                     stop_layer=stop, attention_mask=mask_BxL, sites=sites)
+  return (h if keep else None), {name: out[name][:, 0] for name in names}
+
+
+class RowStream:
+  """Prompt rows carried block by block through a model edited bottom-up.
+
+  MEMIT edits its layers in ascending order and needs, at each layer, keys
+  (and z) computed on the model with the lower layers already edited. An
+  edit at layer l cannot change the residual stream entering l, so the
+  stream keeps every row's hidden state entering the next layer to edit and
+  runs each block once, instead of re-running the model from the embeddings
+  at every layer. Memory: rows × padded length × hidden size float32.
+
+  Args:
+    model: the `LanguageModel`.
+    rows: `(ids, subject_last)` rows.
+    batch_size: rows per jitted pass (fixed, so one compilation per span).
+  """
+
+  def __init__(self, model, rows, *, batch_size: int = 64):
+    self.config = model.config
+    self.n = len(rows)
+    self.batches, self.hidden, self.at = [], [], 0
+    batch_size = min(batch_size, lm.bucket(len(rows), 8))
+    length = lm.bucket(max(len(ids) for ids, _ in rows), 8)
+    for start in range(0, len(rows), batch_size):
+      chunk = rows[start:start + batch_size]
+      tokens = np.zeros((batch_size, length), np.int32)
+      mask = np.zeros((batch_size, length), np.int32)
+      last = np.zeros((batch_size, 1), np.int32)
+      for i, (ids, s) in enumerate(chunk):
+        tokens[i, :len(ids)] = ids
+        mask[i, :len(ids)] = 1
+        last[i, 0] = s
+      self.batches.append(tuple(map(jnp.asarray, (tokens, mask, last))))
+      self.hidden.append(None)
+
+  def _run(self, params, stop, names, keep):
+    got = {name: [] for name in names}
+    new_hidden = []
+    for (tokens, mask, last), hidden in zip(self.batches, self.hidden):
+      h, out = _block_pass(self.config, params, hidden, tokens, mask, last,
+                           start=self.at, stop=stop, names=tuple(names),
+                           keep=keep)
+      new_hidden.append(h)
+      for name in names:
+        got[name].append(np.asarray(out[name]))
+    return new_hidden, {k: np.concatenate(v)[:self.n] for k, v in got.items()}
+
+  def peek(self, params, stop: int, names: Sequence[str]):
+    """Captures at the subject-last token of blocks in `[at, stop)`.
+
+    Returns:
+      dict name -> float32 numpy `[N, ...]`; the stream does not move.
+    """
+    return self._run(params, stop, names, keep=False)[1]
+
+  def advance(self, params, stop: int) -> None:
+    """Moves the stream to the input of block `stop` under `params`."""
+    if stop != self.at:
+      self.hidden, _ = self._run(params, stop, (), keep=True)
+      self.at = stop
+
+
 def subject_keys(model, params, requests, templates, layer_sites,
                  *, batch_size: int = 64):
   """Mean activation at the subject's last token over context templates.

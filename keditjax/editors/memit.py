@@ -126,14 +126,18 @@ def spread_update(params, requests, state, hparams, solve):
   rows = [compute.tokenize_around_subject(model.tokenizer, compute.fill(t, r),
                                           r.subject)
           for r in requests for t in state.templates]
+  # Keys over every context; z on the bare prompt (template 0) only.
+  with timer("key"):
+    keys_stream = compute.RowStream(model, rows)
+    z_stream = compute.RowStream(model, rows[::n_templates])
   for i, layer in enumerate(layers):
     with timer("key"):
       key_site, z_site = f"layer/{layer}/mlp/key", f"layer/{last}/resid"
-      got = compute.capture_at_subject(model, new_params, rows,
-                                       [key_site, z_site])
-      keys_NxF = got[key_site].reshape(len(requests), n_templates, -1).mean(1)
-      # Template 0 is the bare prompt: where z was measured.
-      cur_z = got[z_site].reshape(len(requests), n_templates, -1)[:, 0]
+      for stream in (keys_stream, z_stream):
+        stream.advance(new_params, layer)
+      keys_NxF = keys_stream.peek(new_params, layer + 1, [key_site])[key_site]
+      keys_NxF = keys_NxF.reshape(len(requests), n_templates, -1).mean(1)
+      cur_z = z_stream.peek(new_params, last + 1, [z_site])[z_site]
       residuals_NxD = (target_z - cur_z) / (len(layers) - i)
     with timer("update"):
       path = model.site_param(f"layer/{layer}/mlp/value")
