@@ -23,7 +23,8 @@ REQUESTS = [
 TEMPLATES = ("{}", "A short prefix. {}", "Another one here. {}")
 # A random tiny model's MLP outputs are tiny, so ROME's clamp (a multiple of
 # their norm) and weight decay (divided by it) are loosened here.
-LOOSE = dict(clamp_norm_factor=1e4, v_weight_decay=0.0)
+LOOSE = dict(clamp_norm_factor=1e4, v_weight_decay=0.0,
+             v_compute_dtype="float32")
 
 
 def _spd(f, seed, rank=None):

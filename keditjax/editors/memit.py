@@ -52,7 +52,7 @@ class MemitHParams:
   clamp_norm_factor: float = 4.0
   v_stop_loss: float = 5e-2
   v_stop_on: str = "nll"
-  v_compute_dtype: str = "float32"
+  v_compute_dtype: str = "bfloat16"
   v_scan_layers: bool = False
   v_chunk: int = 8
   mom2_update_weight: float | None = None
@@ -119,7 +119,6 @@ def spread_update(params, requests, state, hparams, solve):
         model, params, requests, state.templates, layer=last,
         site_kind="resid", hp=hparams.value_hparams(),
         chunk=hparams.v_chunk)
-    target_z = values["v0"] + values["delta"]
   new_params = params
   updates, keys_by_layer = {}, {}
   n_templates = len(state.templates)
@@ -138,6 +137,10 @@ def spread_update(params, requests, state, hparams, solve):
       keys_NxF = keys_stream.peek(new_params, layer + 1, [key_site])[key_site]
       keys_NxF = keys_NxF.reshape(len(requests), n_templates, -1).mean(1)
       cur_z = z_stream.peek(new_params, last + 1, [z_site])[z_site]
+      if i == 0:
+        # z = the unedited z plus δ, both in float32 (the δ loop may have
+        # run its matmuls in bfloat16; its own z is then slightly off).
+        target_z = cur_z + values["delta"]
       residuals_NxD = (target_z - cur_z) / (len(layers) - i)
     with timer("update"):
       path = model.site_param(f"layer/{layer}/mlp/value")

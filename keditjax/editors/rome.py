@@ -60,7 +60,7 @@ class RomeHParams:
   clamp_norm_factor: float = 4.0
   v_stop_loss: float = 5e-2
   v_stop_on: str = "nll"
-  v_compute_dtype: str = "float32"
+  v_compute_dtype: str = "bfloat16"
   v_scan_layers: bool = False
   use_covariance: bool = True
   mom2_tokens: int = 200_000
