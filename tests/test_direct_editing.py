@@ -246,7 +246,7 @@ def dict_state(state, templates):
 
 def test_memit_default_lambda_scales_with_width():
   hp = editors.hparams_class("memit")()
-  assert hp.lam(1536) == 1536 and hp.lam(16384) == 16384
+  assert hp.lam(1536) == 768 and hp.lam(16384) == 8192  # 0.5 per MLP unit
   assert editors.hparams_class("memit")(mom2_update_weight=2000.).lam(5) == 2000
 
 
