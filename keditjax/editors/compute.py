@@ -185,26 +185,10 @@ def capture_at_subject(model, params, texts_and_lasts, names: Sequence[str],
   Returns:
     dict name -> float32 numpy `[N, D or F]`.
   """
-  config = model.config
-  names = tuple(names)
-  stop = 1 + max(sites_lib.parse_site(n, config.num_layers)[0] for n in names)
-  results = {n: [] for n in names}
-  for start in range(0, len(texts_and_lasts), batch_size):
-    chunk = texts_and_lasts[start:start + batch_size]
-    rows = lm.bucket(len(chunk), 8)
-    length = lm.bucket(max(len(ids) for ids, _ in chunk), 8)
-    tokens = np.zeros((rows, length), np.int32)
-    mask = np.zeros((rows, length), np.int32)
-    last = np.zeros((rows, 1), np.int32)
-    for i, (ids, s) in enumerate(chunk):
-      tokens[i, :len(ids)] = ids
-      mask[i, :len(ids)] = 1
-      last[i, 0] = s
-    got = _capture_at(config, params, jnp.asarray(tokens), jnp.asarray(mask),
-                      jnp.asarray(last), names, stop)
-    for n in names:
-      results[n].append(np.asarray(got[n])[:len(chunk)])
-  return {n: np.concatenate(v) for n, v in results.items()}
+  stop = 1 + max(sites_lib.parse_site(n, model.config.num_layers)[0]
+                 for n in names)
+  return RowStream(model, texts_and_lasts, batch_size=batch_size).peek(
+      params, stop, tuple(names))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "start", "stop",
