@@ -165,15 +165,6 @@ def make_layout(rows, *, multiple: int = 16, prefix_len: int | None = None
   return Layout(**out)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "names", "stop_layer"))
-def _capture_at(config, params, tokens_BxL, mask_BxL, last_Bx1, names,
-                stop_layer):
-  sites = sites_lib.capture(*names, positions=last_Bx1)
-  _, out, _ = lm.run(config, params, tokens_BxL, attention_mask=mask_BxL,
-                     sites=sites, stop_layer=stop_layer)
-  return {name: out[name][:, 0] for name in names}
-
-
 def capture_at_subject(model, params, texts_and_lasts, names: Sequence[str],
                        *, batch_size: int = 64):
   """Activations at each row's subject-last token, for site `names`.
