@@ -78,3 +78,17 @@ def test_generate_refuses_to_run_past_max_positions(tiny_llama):
   m = tiny_llama
   with pytest.raises(errors.InputError, match="max_position_embeddings"):
     m.generate(m.params, [1, 2, 3], m.config.max_position_embeddings)
+
+
+def test_nucleus_cutoff_equals_the_sorted_definition():
+  import jax
+  from keditjax.models import lm
+  rng = np.random.default_rng(0)
+  probs = jax.nn.softmax(rng.normal(size=(6, 500)) * np.arange(1, 7)[:, None] * 0.7)
+  probs = np.asarray(probs)
+  for top_p in (0.1, 0.5, 0.9, 0.999):
+    cutoff = np.asarray(lm._nucleus_cutoff(probs, top_p))
+    for row, c in zip(probs, cutoff):
+      s = np.sort(row)[::-1]
+      k = int(np.searchsorted(np.cumsum(s), top_p)) + 1  # smallest set reaching p
+      np.testing.assert_array_equal(row >= c, row >= s[k - 1])

@@ -144,19 +144,40 @@ def _token_logprobs(logits_BxLxV, tokens_BxL):
   return jnp.take_along_axis(logp, tokens_BxL[:, 1:, None], axis=-1)[..., 0]
 
 
+def _nucleus_cutoff(probs_BxV, top_p, iters: int = 32):
+  """Per row, the largest t with sum(p[p >= t]) >= top_p, by bisection.
+
+  Keeping `p >= t` is the nucleus (the smallest set of most likely tokens
+  whose mass reaches top_p) without sorting the vocabulary: a sort of a
+  [32, 49152] array costs ~0.3 s on a CPU, 32 masked sums a few ms.
+  """
+  def body(_, bounds):
+    lo, hi = bounds
+    mid = 0.5 * (lo + hi)
+    mass = jnp.sum(jnp.where(probs_BxV >= mid[:, None], probs_BxV, 0.0), -1)
+    ok = mass >= top_p
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+  lo = jnp.zeros(probs_BxV.shape[:1], probs_BxV.dtype)
+  hi = jnp.max(probs_BxV, axis=-1)
+  # If the top token alone reaches top_p, keep exactly it.
+  top_alone = hi >= top_p
+  lo, _ = jax.lax.fori_loop(0, iters, body, (lo, hi))
+  return jnp.where(top_alone, hi, lo)
+
+
 def _sample(logits_BxV, rng, temperature, top_p):
   """Greedy when temperature == 0, else nucleus (top-p) sampling."""
-  greedy = jnp.argmax(logits_BxV, axis=-1)
-  scaled = logits_BxV / jnp.maximum(temperature, 1e-6)
-  probs = jax.nn.softmax(scaled, axis=-1)
-  sorted_probs = jnp.sort(probs, axis=-1)[:, ::-1]
-  cumulative = jnp.cumsum(sorted_probs, axis=-1)
-  # The smallest set whose mass reaches top_p: keep tokens with p >= cutoff.
-  cutoff_index = jnp.sum(cumulative - sorted_probs < top_p, axis=-1) - 1
-  cutoff = jnp.take_along_axis(sorted_probs, cutoff_index[:, None], axis=-1)
-  scaled = jnp.where(probs >= cutoff, scaled, -jnp.inf)
-  sampled = jax.random.categorical(rng, scaled, axis=-1)
-  return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+  def sample(logits_BxV):
+    scaled = logits_BxV / jnp.maximum(temperature, 1e-6)
+    probs = jax.nn.softmax(scaled, axis=-1)
+    cutoff = _nucleus_cutoff(probs, top_p)
+    scaled = jnp.where(probs >= cutoff[:, None], scaled, -jnp.inf)
+    return jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+
+  def greedy(logits_BxV):
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+
+  return jax.lax.cond(temperature > 0, sample, greedy, logits_BxV)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens",
