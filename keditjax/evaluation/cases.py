@@ -402,6 +402,11 @@ def load_facts(path: str | None = None, limit: int | None = None,
       template, subject = r.str("template"), r.str("subject")
       if "{}" not in template:
         raise r.error("template", "must contain '{}'")
+      prompt = row.get("prompt")
+      if isinstance(prompt, str) and subject in prompt:
+        # ROME's `prompt` completes the template ("... continent of"); the
+        # attribute is its answer.
+        template = prompt.replace(subject, "{}", 1)
       facts.append(Fact(template, subject, r.str("attribute"),
                         row.get("known_id")))
     elif "answer" in row and "prompt" in row and "target_new" not in row:
