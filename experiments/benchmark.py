@@ -24,7 +24,7 @@ from experiments import bench_edit
 from keditjax import models
 from keditjax.models import lm
 
-_TASK = flags.DEFINE_enum("task", "forward", ["forward", "generate", "stats", "edit"],
+_TASK = flags.DEFINE_enum("task", "forward", ["forward", "generate", "stats", "edit", "score"],
                               "What to time.")
 _MODEL = flags.DEFINE_string("model", models.DEFAULT_MODEL, "Model name for load().")
 _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes.")
@@ -100,7 +100,33 @@ def bench_stats(model, params):
   return rows
 
 
-TASKS = {"forward": bench_forward, "generate": bench_generate, "stats": bench_stats,
+_SCORE_CASES = flags.DEFINE_integer("score_cases", 128, "CounterFact cases per scoring call (score).")
+
+
+def bench_score(model, params):
+  """The harness's scoring pass (`evaluator.evaluate`, CounterFact + token +
+  survey families: 6 teacher-forced rows per flattened CounterFact case) on
+  `--score_cases` cases; tokens/s counts prompt + target tokens, and
+  `records_per_s` cases per second."""
+  from keditjax.evaluation import cases as cases_lib, evaluator
+  cases = cases_lib.load_cases("counterfact", limit=_SCORE_CASES.value)
+  families = ("counterfact", "token", "survey")
+  ref = evaluator.reference(model, params, cases)
+  pairs = [p for c in cases for p in evaluator._pairs(c, families)]  # pylint: disable=protected-access
+  tokens = sum(len(model.encode(p)) + len(model.encode(" " + t.lstrip()))
+               for _, _, p, t in pairs)
+  rows = []
+  for batch in map(int, _BATCHES.value):
+    call = lambda: evaluator.evaluate(model, params, cases, ref, families,
+                                      batch_size=batch)
+    row = measure(call, tokens)
+    row.update(batch=batch, cases=len(cases), rows=len(pairs),
+               length="-", records_per_s=len(cases) / row["steady_s"])
+    rows.append(row)
+  return rows
+
+
+TASKS = {"score": bench_score, "forward": bench_forward, "generate": bench_generate, "stats": bench_stats,
          "edit": lambda model, params: bench_edit.bench_edit(model, params, _compiles)}
 
 
@@ -131,7 +157,8 @@ def print_table(report):
   print(f"{'batch':>5} {'len':>5} {'compile_s':>10} {'#comp':>5} {'steady_ms':>10} {'tok/s':>10}")
   for r in report["results"]:
     print(f"{r['batch']:>5} {r['length']:>5} {r['compile_s']:>10.2f} {r['compiles']:>5} "
-          f"{r['steady_s'] * 1e3:>10.2f} {r['tokens_per_s']:>10.0f}")
+          f"{r['steady_s'] * 1e3:>10.2f} {r['tokens_per_s']:>10.0f}" +
+          (f"  {r['records_per_s']:.1f} records/s" if "records_per_s" in r else ""))
 
 
 if __name__ == "__main__":

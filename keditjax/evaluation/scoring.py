@@ -8,13 +8,15 @@ the harness is a function of these.
 
 Pairs are sorted by length and packed into batches whose row count is a power
 of two (at most `batch_size`) and whose length is a multiple of 16, so a few
-compiled shapes serve a whole evaluation; the log-softmax, gather and argmax
-run on the device, and only `[B, L]` arrays come back to the host.
+compiled shapes serve a whole evaluation. The output head, log-softmax, gather
+and argmax run on the device only at the positions that predict target tokens
+(`logit_positions`), and only `[B, T]` arrays come back to the host.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
@@ -37,11 +39,16 @@ class Scored:
     return self.argmax == self.target
 
 
-@jax.jit
-def _next_token_stats(logits_BxLxV, tokens_BxL):
-  logits = logits_BxLxV[:, :-1].astype(jnp.float32)
+@functools.partial(jax.jit, static_argnames=("config",))
+def _target_stats(config, params, tokens_BxL, mask_BxL, positions_BxT,
+                  targets_BxT):
+  """Log-prob and top-1 token of each target token: the head and softmax run
+  only at the `[B, T]` positions that predict a target token."""
+  logits, _, _ = lm.run(config, params, tokens_BxL, attention_mask=mask_BxL,
+                        logit_positions=positions_BxT)
+  logits = logits.astype(jnp.float32)
   logp = jax.nn.log_softmax(logits, axis=-1)
-  lp = jnp.take_along_axis(logp, tokens_BxL[:, 1:, None], axis=-1)[..., 0]
+  lp = jnp.take_along_axis(logp, targets_BxT[..., None], axis=-1)[..., 0]
   return lp, jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
@@ -98,17 +105,22 @@ def teacher_forced(model, params, prompts: Sequence[str],
       if length > limit:
         raise errors.InputError(
             f"a prompt + target is {length} tokens; the model takes {limit}.")
+    width = lm.bucket(max(len(pairs[i][1]) for i in chunk), 4)
     tokens = np.zeros((rows, length), np.int32)
     mask = np.zeros((rows, length), np.int32)
-    for row, i in enumerate(chunk):
-      ids = pairs[i][0] + pairs[i][1]
-      tokens[row, :len(ids)] = ids
-      mask[row, :len(ids)] = 1
-    tokens_j = jnp.asarray(tokens)
-    logits, _ = model._forward(params, tokens_j, jnp.asarray(mask))  # pylint: disable=protected-access
-    lp, am = jax.device_get(_next_token_stats(logits, tokens_j))
+    where = np.zeros((rows, width), np.int32)
+    targets = np.zeros((rows, width), np.int32)
     for row, i in enumerate(chunk):
       p, t = pairs[i]
-      sl = slice(len(p) - 1, len(p) + len(t) - 1)
-      out[i] = Scored(lp[row, sl].copy(), am[row, sl].copy(), np.asarray(t))
+      tokens[row, :len(p) + len(t)] = p + t
+      mask[row, :len(p) + len(t)] = 1
+      where[row, :len(t)] = np.arange(len(p) - 1, len(p) + len(t) - 1)
+      targets[row, :len(t)] = t
+    lp, am = jax.device_get(_target_stats(
+        model.config, params, jnp.asarray(tokens), jnp.asarray(mask),
+        jnp.asarray(where), jnp.asarray(targets)))
+    for row, i in enumerate(chunk):
+      t = pairs[i][1]
+      out[i] = Scored(lp[row, :len(t)].copy(), am[row, :len(t)].copy(),
+                      np.asarray(t))
   return out
