@@ -365,3 +365,23 @@ def test_protocol_errors_before_work(model):
     with pytest.raises(errors.KeditError, match=match):
       protocols.run(model, editor, cases, proto, progress=False)
   assert not calls
+
+
+def test_mquake_cases_edit_all_their_facts_and_score_portability(model):
+  cases = [c for c in C.load_cases("mquake", limit=10) if len(c.requests) > 1][:1]
+  assert cases
+  r = protocols.run(model, finetune_editor(), cases,
+                    protocols.Protocol("single", fluency=False), progress=False)
+  m = r["metrics"]
+  assert m["sr"] == 100.0  # every rewrite of the case was applied
+  assert {"portability_acc", "portability_score", "efficacy_score"} <= set(m)
+
+
+def test_cases_from_a_datasets_dataset():
+  datasets = pytest.importorskip("datasets")
+  rows = json.load(open(C.default_path("zsre")))[:3]
+  ds = datasets.Dataset.from_list([{k: r[k] for k in ("subject", "src", "alt", "answers",
+                                                      "rephrase", "loc", "loc_ans")}
+                                   for r in rows])
+  cases = C.parse_cases(ds, "zsre")
+  assert [c.target_new for c in cases] == [" " + r["alt"] for r in rows]
