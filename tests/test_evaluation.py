@@ -324,6 +324,7 @@ def test_retain_rate_falls_when_later_edits_undo_earlier_ones(model):
                     protocols.Protocol("sequential", fluency=False),
                     progress=False)
   assert [s["rr"] for s in r["steps"]] == [100.0, 50.0]
+  assert [s["sr_at_edit_so_far"] for s in r["steps"]] == [100.0, 100.0]
   assert r["metrics"]["rr"] == 50.0 and r["metrics"]["sr_at_edit"] == 100.0
 
 

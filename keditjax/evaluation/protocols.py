@@ -228,6 +228,7 @@ def run(model, editor, cases: Sequence[EditCase], protocol: Protocol,
       done += group
       record = {"step": g + 1, "edits": len(done),
                 "sr_at_edit": 100.0 * float(now.mean()),
+                "sr_at_edit_so_far": 100.0 * float(np.mean(held_at_edit)),
                 "edit_seconds": edit_seconds[-1],
                 "changed": sorted(info.changed)}
       last = g == len(groups) - 1

@@ -81,8 +81,8 @@ def plot(results: dict, path: str) -> str | None:
   if steps:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     x = [s["edits"] for s in steps]
-    for key, label in (("sr_at_edit", "SR at edit"), ("sr", "SR (all so far)"),
-                       ("rr", "RR")):
+    for key, label in (("sr_at_edit_so_far", "SR at edit (running mean)"),
+                       ("sr", "SR of all edits so far, now"), ("rr", "RR")):
       ax1.plot(x, [np.nan if s.get(key) is None else s[key] for s in steps],
                marker=".", label=label)
     ax1.set(xlabel="edits", ylabel="%", ylim=(-2, 102),
