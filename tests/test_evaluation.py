@@ -386,3 +386,15 @@ def test_cases_from_a_datasets_dataset():
                                    for r in rows])
   cases = C.parse_cases(ds, "zsre")
   assert [c.target_new for c in cases] == [" " + r["alt"] for r in rows]
+
+
+def test_results_table_rows_name_the_reproducing_command():
+  from experiments import results_table
+  results = {"method": "memit", "n": 100, "metrics": {"efficacy_score": 97.0, "rr": 91.5},
+             "protocol": {"mode": "sequential", "batch_size": 10},
+             "timing": {"total_seconds": 120.0},
+             "command": {"dataset": "counterfact", "num_edits": 100}}
+  row = results_table.row("x", results, ("efficacy_score", "dd", "rr"))
+  assert "| 97.0 |  | 91.5 | 2.0 min |" in row
+  assert ("`python -m experiments.evaluate --method=memit --dataset=counterfact "
+          "--num_edits=100 --mode=sequential --batch_size=10`") in row
