@@ -98,7 +98,7 @@ def _case_metrics(case, got, families, ref):
     return M.logprob(got[(kind, i)].logprobs, red)
 
   def comparisons(name, wanted, other, n):
-    rows = [(i) for i in range(n) if (other, i) in got]
+    rows = [i for i in range(n) if (other, i) in got]
     if not rows:
       return
     m[f"{name}_score"] = np.mean([M.prefers(mean_lp(wanted, i), mean_lp(other, i))
