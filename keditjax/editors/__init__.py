@@ -25,6 +25,10 @@ METHODS = {
     "alphaedit": ("keditjax.editors.alphaedit", "alphaedit", "AlphaEditHParams"),
     "kn": ("keditjax.editors.knowledge_neurons", "knowledge_neurons",
            "KnowledgeNeuronsHParams"),
+    "ft": ("keditjax.editors.finetune", "ft", "FTHParams"),
+    "ftl": ("keditjax.editors.finetune", "ftl", "FTLHParams"),
+    "ftkl": ("keditjax.editors.finetune", "ftkl", "FTKLHParams"),
+    "ewc": ("keditjax.editors.finetune", "ewc", "EWCHParams"),
 }
 
 

@@ -1,0 +1,417 @@
+"""The regularization family: FT, FT-L, FT+KL and EWC (survey §4.1).
+
+Each editor fine-tunes a chosen subset of the parameters (a regex over leaf
+paths, e.g. one MLP projection) on the edit examples, minimising the mean
+per-request negative log-likelihood of the new target (language models:
+the target tokens after the prompt; classifiers: the new label), and
+differs only in what keeps the rest of the model in place:
+
+  FT     nothing (plain fine-tuning);
+  FT-L   after every optimizer step, θ is projected back onto the L∞ ball
+         ‖θ − θ₀‖∞ ≤ δ around the weights the edit started from (Zhu et al.
+         2020, "Modifying Memories in Transformer Models", eq. 2);
+  FT+KL  + w · KL(p_θ₀(·|x) ‖ p_θ(·|x)) averaged over unrelated inputs x
+         (corpus text or training images), θ₀ the weights at `init`;
+  EWC    + ½ λ Σ_i F_i (θ_i − θ*_i)², F the diagonal Fisher over a named
+         dataset at θ* (Kirkpatrick et al. 2017, eq. 3); `online=True`
+         (Schwarz et al. 2018) adds each edit's own Fisher, F ← γF + F_edit,
+         and moves θ* to the edited weights, so successive edits protect
+         the earlier ones.
+
+The optimiser is any optax transformation (default Adam). The whole loop is
+one jitted `lax.while_loop`: at most `steps` steps, stopping early once the
+edit loss is below `stop_loss`; its per-step edit losses (and, for FT-L,
+‖θ − θ₀‖∞) come back in `EditInfo.extras`.
+
+  editor = keditjax.editors.get("ftl", radius=1e-3)
+  state = editor.init(model)                  # a LanguageModel or a classifier
+  new_params, state, info = editor.apply(model.params, requests, state)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from keditjax import errors, stats
+from keditjax.editors import base, fisher, tasks
+from keditjax.kernels import fisher as fisher_kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class FTHParams:
+  """Plain fine-tuning.
+
+  Attributes:
+    params_regex: leaves whose "a/b/c" path `re.search`es this are tuned;
+      None: the task's default (language models: one MLP output projection,
+      `layers_4/mlp/down_proj/kernel`; classifiers: the model's
+      `default_edit_regex`, else everything).
+    steps: at most this many optimizer steps per `apply`.
+    lr: learning rate.
+    optimizer: an optax factory name taking the learning rate ("adam",
+      "sgd", "adamw", ...).
+    stop_loss: stop once the mean per-request NLL of the targets is below.
+  """
+  params_regex: str | None = None
+  steps: int = 25
+  lr: float = 5e-4
+  optimizer: str = "adam"
+  stop_loss: float = 1e-2
+
+  def __post_init__(self):
+    if self.steps < 1:
+      raise errors.ConfigError(f"steps={self.steps} must be >= 1.")
+    if not self.lr > 0:
+      raise errors.ConfigError(f"lr={self.lr} must be > 0.")
+    if not callable(getattr(optax, self.optimizer, None)):
+      raise errors.ConfigError(
+          f"optimizer={self.optimizer!r} is not an optax optimizer factory.")
+    if self.stop_loss < 0:
+      raise errors.ConfigError(f"stop_loss={self.stop_loss} must be >= 0.")
+
+
+@dataclasses.dataclass(frozen=True)
+class FTLHParams(FTHParams):
+  """FT with the L∞ constraint: `radius` is δ (absolute weight units)."""
+  radius: float = 5e-3
+  steps: int = 25
+  lr: float = 5e-4
+
+  def __post_init__(self):
+    super().__post_init__()
+    if not self.radius > 0:
+      raise errors.ConfigError(f"radius={self.radius} must be > 0.")
+
+
+@dataclasses.dataclass(frozen=True)
+class FTKLHParams(FTHParams):
+  """FT + KL on unrelated inputs.
+
+  Attributes:
+    kl_weight: w, the weight of the KL term.
+    kl_examples: unrelated inputs (corpus rows or images) when `init` is
+      not given `kl_inputs`.
+    kl_length: tokens per corpus row (language models).
+  """
+  kl_weight: float = 1.0
+  kl_examples: int = 8
+  kl_length: int = 16
+
+  def __post_init__(self):
+    super().__post_init__()
+    if not self.kl_weight > 0:
+      raise errors.ConfigError(f"kl_weight={self.kl_weight} must be > 0.")
+    if self.kl_examples < 1 or self.kl_length < 2:
+      raise errors.ConfigError("kl_examples must be >= 1, kl_length >= 2.")
+
+
+@dataclasses.dataclass(frozen=True)
+class EWCHParams(FTHParams):
+  """FT + the EWC penalty.
+
+  Attributes:
+    ewc_lambda: λ.
+    fisher: "empirical" (data labels) or "true" (labels sampled from the
+      model).
+    fisher_samples: label draws per example for the true Fisher.
+    fisher_examples: examples of the Fisher dataset (corpus rows or
+      images) to use.
+    fisher_length: tokens per corpus row (language models).
+    fisher_batch: examples per jitted Fisher step.
+    fisher_chunk: examples per vmapped per-example gradient.
+    online: accumulate each edit's Fisher and move the anchor (online EWC).
+    gamma: decay of the accumulated Fisher in online EWC.
+    seed: seed of the true-Fisher label draws.
+  """
+  ewc_lambda: float = 1e3
+  fisher: str = "empirical"
+  fisher_samples: int = 1
+  fisher_examples: int = 256
+  fisher_length: int = 32
+  fisher_batch: int = 8
+  fisher_chunk: int = 8
+  online: bool = False
+  gamma: float = 1.0
+  seed: int = 0
+
+  def __post_init__(self):
+    super().__post_init__()
+    if not self.ewc_lambda > 0:
+      raise errors.ConfigError(f"ewc_lambda={self.ewc_lambda} must be > 0.")
+    if self.fisher not in fisher.KINDS:
+      raise errors.ConfigError(
+          f"fisher={self.fisher!r}; use one of {fisher.KINDS}.")
+    if min(self.fisher_samples, self.fisher_examples, self.fisher_batch,
+           self.fisher_chunk) < 1:
+      raise errors.ConfigError(
+          "fisher_samples, fisher_examples, fisher_batch and fisher_chunk "
+          "must be >= 1.")
+    if self.fisher_batch % self.fisher_chunk:
+      raise errors.ConfigError(
+          f"fisher_chunk={self.fisher_chunk} must divide fisher_batch="
+          f"{self.fisher_batch}.")
+    if not 0 < self.gamma <= 1:
+      raise errors.ConfigError(f"gamma={self.gamma} must be in (0, 1].")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneState:
+  """What `init` prepares.
+
+  Attributes:
+    task: the model's task (`tasks.task_for`).
+    paths: the tuned leaves' path tuples.
+    kl: `{"batch", "logp0"}` for FT+KL, else None.
+    fisher, anchor: `{path: array}` for EWC, else None.
+    fisher_examples: examples behind `fisher`.
+    edits: edits applied so far through this state.
+  """
+  task: Any
+  paths: tuple
+  kl: dict | None = None
+  fisher: dict | None = None
+  anchor: dict | None = None
+  fisher_examples: int = 0
+  edits: int = 0
+
+
+def _kl_loss(logits_BxTxC, logp0_BxTxC, weights_BxT):
+  """Mean over weighted positions of KL(p0 ‖ p)."""
+  logp = jax.nn.log_softmax(logits_BxTxC.astype(jnp.float32), -1)
+  kl_BxT = jnp.sum(jnp.exp(logp0_BxTxC) * (logp0_BxTxC - logp), -1)
+  return jnp.sum(kl_BxT * weights_BxT) / jnp.maximum(weights_BxT.sum(), 1.0)
+
+
+def edit_nll(task, params, batch):
+  """Mean over requests of each target's mean per-token NLL (a scalar)."""
+  tokens_B = batch["weights"].sum(-1)
+  nll_B = -tasks.log_likelihood(task.logits(params, batch), batch)
+  real_B = (tokens_B > 0).astype(jnp.float32)
+  return jnp.sum(nll_B / jnp.maximum(tokens_B, 1.0)) / jnp.maximum(
+      real_B.sum(), 1.0)
+
+
+def _make_loop(task, hp, optimizer, method: str):
+  """The jitted edit loop: `(sub0, params, batch, extra) -> (sub, trace)`."""
+  radius = getattr(hp, "radius", None)
+
+  def loss_fn(sub, params, batch, extra):
+    full = tasks.merge(params, sub)
+    edit = edit_nll(task, full, batch)
+    loss = edit
+    if method == "ftkl":
+      kl = extra["kl"]
+      loss += hp.kl_weight * _kl_loss(task.logits(full, kl["batch"]),
+                                      kl["logp0"], kl["batch"]["weights"])
+    if method == "ewc":
+      loss += fisher_kernels.ewc_penalty(sub, extra["anchor"], extra["fisher"],
+                                         hp.ewc_lambda)
+    return loss, edit
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  @jax.jit
+  def loop(sub0, params, batch, extra):
+    def cond(carry):
+      step, _, _, _, _, done = carry
+      return (step < hp.steps) & ~done
+
+    def body(carry):
+      step, sub, opt_state, losses, linf, _ = carry
+      (_, edit), grads = grad_fn(sub, params, batch, extra)
+      done = edit <= hp.stop_loss
+      updates, new_state = optimizer.update(grads, opt_state, sub)
+      new_sub = optax.apply_updates(sub, updates)
+      if radius is not None:
+        new_sub = fisher_kernels.project_linf(new_sub, sub0, radius)
+      keep = lambda old, new: jax.tree.map(
+          lambda o, n: jnp.where(done, o, n), old, new)
+      sub, opt_state = keep(sub, new_sub), keep(opt_state, new_state)
+      losses = losses.at[step].set(edit)
+      linf = linf.at[step].set(fisher_kernels.linf_distance(sub, sub0))
+      return step + 1, sub, opt_state, losses, linf, done
+
+    nan = jnp.full((hp.steps,), jnp.nan, jnp.float32)
+    carry = (jnp.int32(0), sub0, optimizer.init(sub0), nan, nan,
+             jnp.bool_(False))
+    steps, sub, _, losses, linf, _ = jax.lax.while_loop(cond, body, carry)
+    final = edit_nll(task, tasks.merge(params, sub), batch)
+    return sub, {"steps": steps, "losses": losses, "linf": linf,
+                 "final_loss": final}
+
+  return loop
+
+
+def _corpus_texts(data):
+  """Texts of a corpus spec (None: WikiText-2) or a list of strings."""
+  if data is None or isinstance(data, str):
+    return stats.corpus_texts(data)
+  return iter(data)
+
+
+def _lm_text_batch(task, data, examples, length):
+  batches = list(task.text_batches(_corpus_texts(data), length=length,
+                                   examples=examples, batch_size=examples))
+  if not batches:
+    raise errors.ConfigError("the KL corpus gave no text.")
+  return batches[0][0]
+
+
+def _finetune(method: str, hparams, optimizer=None) -> base.Editor:
+  """The editor for `method` with `hparams` (see the module docstring)."""
+  tx = optimizer or getattr(optax, hparams.optimizer)(hparams.lr)
+  loops = {}
+
+  def loop_for(task):
+    if id(task) not in loops:
+      loops[id(task)] = _make_loop(task, hparams, tx, method)
+    return loops[id(task)]
+
+  def init(model, params=None, *, kl_inputs=None, fisher_data=None,
+           mesh=None, progress: bool = True, use_cache: bool = True):
+    """Selects the tuned leaves and precomputes the regularizer.
+
+    Args:
+      model: a decoder `LanguageModel` or a classifier (`logits`,
+        `num_classes`, `image_shape`).
+      params: the weights θ₀ (default `model.params`).
+      kl_inputs: FT+KL's unrelated inputs: texts, a corpus spec (None:
+        WikiText-2) for language models; an image array for classifiers.
+      fisher_data: EWC's dataset: texts or a corpus spec (None: WikiText-2)
+        for language models; `{"images", "labels"}` for classifiers.
+      mesh: the Fisher computation's device mesh (default: all devices).
+      progress: show a progress bar for the Fisher.
+      use_cache: read/write the Fisher disk cache.
+
+    Raises:
+      ConfigError: the regex selects nothing, or a classifier's EWC/KL data
+        is missing.
+    """
+    params = model.params if params is None else params
+    task = tasks.task_for(model)
+    regex = hparams.params_regex or task.default_regex
+    paths = tuple(sorted(tasks.select(params, regex)))
+    state = FinetuneState(task, paths)
+    if method == "ftkl":
+      if task.kind == "classifier":
+        if kl_inputs is None:
+          raise errors.ConfigError(
+              "ftkl on a classifier needs kl_inputs= (unrelated images).")
+        batch = task.image_batch(np.asarray(kl_inputs)[:hparams.kl_examples])
+      else:
+        batch = _lm_text_batch(task, kl_inputs, hparams.kl_examples,
+                               hparams.kl_length)
+      logp0 = jax.nn.log_softmax(task.logits(params, batch), -1)
+      state = dataclasses.replace(state, kl={"batch": batch, "logp0": logp0})
+    if method == "ewc":
+      if task.kind == "classifier":
+        if fisher_data is None:
+          raise errors.ConfigError(
+              "ewc on a classifier needs fisher_data={'images', 'labels'}.")
+        batches = task.data_batches(fisher_data,
+                                    batch_size=hparams.fisher_batch,
+                                    examples=hparams.fisher_examples)
+        key = {"images": hashlib_of(fisher_data["images"]),
+               "labels": hashlib_of(fisher_data["labels"]),
+               "examples": hparams.fisher_examples}
+      else:
+        batches = task.text_batches(_corpus_texts(fisher_data),
+                                    length=hparams.fisher_length,
+                                    examples=hparams.fisher_examples,
+                                    batch_size=hparams.fisher_batch)
+        key = {"corpus": (stats.resolve_corpus(fisher_data).identity
+                          if fisher_data is None or isinstance(fisher_data, str)
+                          else hashlib_of("\n".join(fisher_data))),
+               "examples": hparams.fisher_examples,
+               "length": hparams.fisher_length}
+      total = -(-hparams.fisher_examples // hparams.fisher_batch)
+      fish, count = fisher.fisher_diagonal(
+          task, params, paths, batches, kind=hparams.fisher,
+          samples=hparams.fisher_samples, seed=hparams.seed,
+          chunk=hparams.fisher_chunk, mesh=mesh, progress=progress,
+          total=total, cache_key=key, use_cache=use_cache)
+      anchor = {p: jnp.asarray(base.get_leaf(params, p)) for p in paths}
+      state = dataclasses.replace(
+          state, fisher={p: jnp.asarray(v) for p, v in fish.items()},
+          anchor=anchor, fisher_examples=count)
+    return state
+
+  def apply(params, requests, state: FinetuneState):
+    """Fine-tunes the selected leaves on `requests` (a list or one)."""
+    timer = base.Timer()
+    with timer("prepare"):
+      task = state.task
+      batch = task.edit_batch(requests)  # validates before any work
+      sub0 = {p: base.get_leaf(params, p) for p in state.paths}
+      extra = {}
+      if state.kl is not None:
+        extra["kl"] = state.kl
+      if state.fisher is not None:
+        extra["fisher"], extra["anchor"] = state.fisher, state.anchor
+    with timer("optimize"):
+      sub, trace = loop_for(task)(sub0, params, batch, extra)
+      sub = jax.block_until_ready(sub)
+    new_params = tasks.merge(params, sub)
+    with timer("describe"):
+      changed = base.describe_changes(params, sub)
+    steps = int(trace["steps"])
+    extras = {"steps": steps,
+              "losses": np.asarray(trace["losses"])[:steps].tolist(),
+              "final_loss": float(trace["final_loss"])}
+    if method == "ftl":
+      extras["linf"] = np.asarray(trace["linf"])[:steps].tolist()
+      extras["radius"] = hparams.radius
+    rows = int(np.sum(np.asarray(batch["weights"]).sum(-1) > 0))
+    new_state = dataclasses.replace(state, edits=state.edits + rows)
+    if method == "ewc" and hparams.online:
+      with timer("fisher"):
+        fish, _ = fisher.fisher_diagonal(
+            task, new_params, state.paths, [(batch, rows)],
+            kind=hparams.fisher, samples=hparams.fisher_samples,
+            seed=hparams.seed + state.edits + 1, chunk=1, mesh=None,
+            progress=False)
+        accumulated = {p: hparams.gamma * state.fisher[p] + jnp.asarray(fish[p])
+                       for p in state.paths}
+        new_state = dataclasses.replace(new_state, fisher=accumulated,
+                                        anchor=dict(sub))
+    return new_params, new_state, base.EditInfo(changed, timer.seconds, extras)
+
+  return base.Editor(method, hparams, init, apply)
+
+
+def hashlib_of(data) -> str:
+  """sha256 of an array's bytes or a string (a cache key for datasets)."""
+  import hashlib
+  if isinstance(data, str):
+    return hashlib.sha256(data.encode()).hexdigest()
+  array = np.ascontiguousarray(np.asarray(data))
+  return hashlib.sha256(f"{array.shape}|{array.dtype}|".encode() +
+                        array.reshape(-1).view(np.uint8).tobytes()).hexdigest()
+
+
+def ft(hparams: FTHParams = FTHParams(), optimizer=None) -> base.Editor:
+  """Plain fine-tuning (`optimizer`: an optax transformation overriding
+  `hparams.optimizer`/`lr`)."""
+  return _finetune("ft", hparams, optimizer)
+
+
+def ftl(hparams: FTLHParams = FTLHParams(), optimizer=None) -> base.Editor:
+  """Fine-tuning projected onto an L∞ ball (Zhu et al. 2020)."""
+  return _finetune("ftl", hparams, optimizer)
+
+
+def ftkl(hparams: FTKLHParams = FTKLHParams(), optimizer=None) -> base.Editor:
+  """Fine-tuning with a KL term on unrelated inputs."""
+  return _finetune("ftkl", hparams, optimizer)
+
+
+def ewc(hparams: EWCHParams = EWCHParams(), optimizer=None) -> base.Editor:
+  """Fine-tuning with the EWC penalty (Kirkpatrick et al. 2017)."""
+  return _finetune("ewc", hparams, optimizer)
