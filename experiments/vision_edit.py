@@ -22,7 +22,6 @@ from absl import app, flags
 from experiments import common
 from keditjax import errors
 from keditjax.evaluation import vision, vision_data, vision_report
-from keditjax.models import cnn
 
 flags.DEFINE_string("dataset", "mnist", f"One of {sorted(vision_data.DATASETS)}.")
 flags.DEFINE_string("method", "ftl",
@@ -36,6 +35,9 @@ flags.DEFINE_integer("kl_inputs", 512, "Training images for FT+KL's KL term.")
 flags.DEFINE_integer("train_steps", 1500, "Classifier training steps.")
 flags.DEFINE_integer("train_batch_size", 64, "Classifier batch size.")
 flags.DEFINE_float("train_lr", 1e-3, "Classifier Adam learning rate.")
+flags.DEFINE_float("label_smoothing", 0.1, "Classifier label smoothing.")
+flags.DEFINE_string("flip_to", "runner_up", "Flip edits' new class: runner_up "
+                    "(the model's second choice) or random.")
 flags.DEFINE_integer("seed", 0, "Split, training and case-order seed.")
 flags.DEFINE_string("output_dir", None, "Where to write results.")
 flags.mark_flag_as_required("output_dir")
@@ -47,7 +49,8 @@ def build():
   if FLAGS.dataset not in vision_data.DATASETS:
     raise errors.ConfigError(f"--dataset={FLAGS.dataset!r}; use one of "
                              f"{sorted(vision_data.DATASETS)}.")
-  for name, valid in (("mode", vision.MODES), ("edits", vision.KINDS)):
+  for name, valid in (("mode", vision.MODES), ("edits", vision.KINDS),
+                      ("flip_to", vision_data.FLIP_TARGETS)):
     if getattr(FLAGS, name) not in valid:
       raise errors.ConfigError(f"--{name}={getattr(FLAGS, name)!r}; use one "
                                f"of {valid}.")
@@ -68,28 +71,24 @@ def main(argv):
   del argv
   common.setup()
   built = build()
-  data = vision_data.load_dataset(FLAGS.dataset, seed=FLAGS.seed)
-  classifier, trained = cnn.load_or_train(
-      data.train_images, data.train_labels, steps=FLAGS.train_steps,
-      batch_size=FLAGS.train_batch_size, lr=FLAGS.train_lr, seed=FLAGS.seed)
-  cases = vision.make_cases(classifier, data.test_images, data.test_labels,
-                            kind=FLAGS.edits, num_edits=FLAGS.num_edits,
-                            seed=FLAGS.seed)
-  accuracy = 100.0 * float((classifier.predict(
-      classifier.params, data.test_images) == data.test_labels).mean())
-  init_kwargs = {"fisher_data": {"images": data.train_images,
-                                 "labels": data.train_labels},
-                 "kl_inputs": data.train_images[:FLAGS.kl_inputs]}
+  setup = vision.prepare(
+      FLAGS.dataset, num_edits=FLAGS.num_edits, edits=FLAGS.edits,
+      flip_to=FLAGS.flip_to, seed=FLAGS.seed, train_steps=FLAGS.train_steps,
+      train_batch_size=FLAGS.train_batch_size, train_lr=FLAGS.train_lr,
+      label_smoothing=FLAGS.label_smoothing, kl_inputs=FLAGS.kl_inputs)
+  data, classifier = setup.data, setup.classifier
   all_results = {}
   for method, editor in built.items():
     results = vision.run_vision(
-        classifier, editor, cases, mode=FLAGS.mode, eval_every=FLAGS.eval_every,
+        classifier, editor, setup.cases, mode=FLAGS.mode,
+        eval_every=FLAGS.eval_every,
         test_images=data.test_images, test_labels=data.test_labels,
-        init_kwargs=init_kwargs)
-    results["protocol"].update(edits=FLAGS.edits, dataset=FLAGS.dataset)
+        init_kwargs=setup.init_kwargs)
+    results["protocol"].update(edits=FLAGS.edits, dataset=FLAGS.dataset,
+                               flip_to=FLAGS.flip_to)
     results["hparams"] = editor and dataclasses.asdict(editor.hparams)
-    results["classifier"] = dict(trained, test_accuracy=accuracy,
-                                 train_steps=FLAGS.train_steps, seed=FLAGS.seed)
+    results["classifier"] = dict(setup.trained,
+                                 test_accuracy=setup.test_accuracy)
     all_results[method] = results
   title = f"{FLAGS.dataset} {FLAGS.edits} ({FLAGS.mode})"
   if FLAGS.method == "all":

@@ -255,7 +255,8 @@ def test_every_editor_edits_without_touching_its_input(lm, name):
     assert same == ("down_proj" not in jax.tree_util.keystr(key_path) or
                     "layers_1" not in jax.tree_util.keystr(key_path))
   losses = info.extras["losses"]
-  assert len(losses) == info.extras["steps"] and losses[-1] < losses[0]
+  assert len(losses) - info.extras["steps"] in (0, 1)  # + the stopping check
+  assert losses[-1] < losses[0]
   assert state2.edits == 1
 
 
@@ -364,3 +365,52 @@ def test_bad_input_fails_before_any_work(lm):
   with pytest.raises(errors.InputError, match="empty target"):
     editors.get("ft", params_regex=DOWN1).apply(
         lm.params, [dict(REQ, target_new=" ")], lm_state)
+
+
+def test_stop_on_argmax_stops_as_soon_as_the_edit_holds():
+  model, data = TinyClassifier(), _data()
+  image = data["images"][1]
+  ranked = np.argsort(np.asarray(model.logits(model.params, image[None]))[0])
+  edit = [{"image": image, "label": int(ranked[0])}]  # the least likely class
+  common = dict(params_regex="head", optimizer="sgd", lr=0.05, steps=500,
+                stop_loss=100.0, stop_on="argmax")
+  editor = editors.get("ft", **common)
+  new, _, info = editor.apply(model.params, edit, editor.init(model))
+  steps = info.extras["steps"]
+  assert 1 < steps < 500
+  assert int(np.argmax(model.logits(new, image[None]))) == edit[0]["label"]
+  short = editors.get("ft", **dict(common, steps=steps - 1))
+  early, _, _ = short.apply(model.params, edit, short.init(model))
+  assert int(np.argmax(model.logits(early, image[None]))) != edit[0]["label"]
+  with pytest.raises(errors.ConfigError, match="stop_on"):
+    editors.get("ft", stop_on="never")
+  with pytest.raises(errors.ConfigError, match="online_weight"):
+    editors.get("ewc", online_weight=0.0)
+
+
+def test_tradeoff_sweep_monotonicity_and_plot(tmp_path):
+  from keditjax.evaluation import tradeoff
+  assert tradeoff.parse_values("1e-3, 3e-3") == [1e-3, 3e-3]
+  for bad in ("", "0,1", "-1", "a"):
+    with pytest.raises(errors.ConfigError):
+      tradeoff.parse_values(bad)
+  with pytest.raises(errors.ConfigError, match="no strength"):
+    tradeoff.sweep(lambda m, o: {}, "ft", [1.0])
+  seen = []
+
+  def evaluate(method, overrides):
+    seen.append((method, overrides))
+    v = next(iter(overrides.values()))
+    return {"sr": min(100.0, 40 * v), "dd": v}
+  rows = tradeoff.sweep(evaluate, "ftl", [1.0, 2.0, 3.0], progress=False)
+  assert seen == [("ftl", {"radius": 1.0}), ("ftl", {"radius": 2.0}),
+                  ("ftl", {"radius": 3.0})]
+  assert [r["sr"] for r in rows] == [40.0, 80.0, 100.0]
+  assert tradeoff.monotonicity(rows) == 1.0
+  # A stiffness knob: SR should fall as λ grows; here it rises once.
+  ewc = tradeoff.sweep(lambda m, o: {"sr": {1.0: 90, 10.0: 95, 100.0: 50}[
+      o["ewc_lambda"]], "dd": 0.0}, "ewc", [1.0, 10.0, 100.0], progress=False)
+  assert tradeoff.monotonicity(ewc) == 0.5
+  path = tradeoff.plot(rows + ewc, str(tmp_path / "p.png"),
+                       chosen={"ftl": 2.0})
+  assert os.path.getsize(path) > 1000

@@ -15,7 +15,8 @@ from keditjax.evaluation import vision, vision_data
 from keditjax.models import cnn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = {"steps": 300, "batch_size": 64, "lr": 3e-3, "seed": 0}
+TRAIN = {"steps": 300, "batch_size": 64, "lr": 3e-3, "seed": 0,
+         "label_smoothing": 0.1}
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +272,7 @@ def test_launcher_runs_every_method_and_plots(trained, cache_root, tmp_path):
          "--method=all", "--num_edits=3", "--mode=sequential",
          "--hparams=steps=5,lr=1e-3,fisher_examples=64", "--kl_inputs=16",
          f"--train_steps={TRAIN['steps']}", f"--train_lr={TRAIN['lr']}",
+         f"--label_smoothing={TRAIN['label_smoothing']}",
          f"--output_dir={out}"]
   env = dict(os.environ, KEDITJAX_CACHE=cache_root)
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True,

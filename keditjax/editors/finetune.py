@@ -58,12 +58,16 @@ class FTHParams:
     optimizer: an optax factory name taking the learning rate ("adam",
       "sgd", "adamw", ...).
     stop_loss: stop once the mean per-request NLL of the targets is below.
+    stop_on: "loss" (stop at `stop_loss`) or "argmax" (stop as soon as every
+      target token/label is the model's top-1 *and* the loss is below
+      `stop_loss`: the smallest change that makes the edit hold).
   """
   params_regex: str | None = None
   steps: int = 25
   lr: float = 5e-4
   optimizer: str = "adam"
   stop_loss: float = 1e-2
+  stop_on: str = "loss"
 
   def __post_init__(self):
     if self.steps < 1:
@@ -75,6 +79,9 @@ class FTHParams:
           f"optimizer={self.optimizer!r} is not an optax optimizer factory.")
     if self.stop_loss < 0:
       raise errors.ConfigError(f"stop_loss={self.stop_loss} must be >= 0.")
+    if self.stop_on not in ("loss", "argmax"):
+      raise errors.ConfigError(
+          f"stop_on={self.stop_on!r}; use 'loss' or 'argmax'.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +135,9 @@ class EWCHParams(FTHParams):
     fisher_chunk: examples per vmapped per-example gradient.
     online: accumulate each edit's Fisher and move the anchor (online EWC).
     gamma: decay of the accumulated Fisher in online EWC.
+    online_weight: weight of each edit's own Fisher in online EWC
+      (F ← γF + w·F_edit). One example's squared gradient dwarfs a dataset
+      mean, so w = 1 can make λF too stiff for plain SGD; lower it then.
     seed: seed of the true-Fisher label draws.
   """
   ewc_lambda: float = 1e3
@@ -139,6 +149,7 @@ class EWCHParams(FTHParams):
   fisher_chunk: int = 8
   online: bool = False
   gamma: float = 1.0
+  online_weight: float = 1.0
   seed: int = 0
 
   def __post_init__(self):
@@ -159,6 +170,9 @@ class EWCHParams(FTHParams):
           f"{self.fisher_batch}.")
     if not 0 < self.gamma <= 1:
       raise errors.ConfigError(f"gamma={self.gamma} must be in (0, 1].")
+    if not self.online_weight > 0:
+      raise errors.ConfigError(
+          f"online_weight={self.online_weight} must be > 0.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,13 +203,19 @@ def _kl_loss(logits_BxTxC, logp0_BxTxC, weights_BxT):
   return jnp.sum(kl_BxT * weights_BxT) / jnp.maximum(weights_BxT.sum(), 1.0)
 
 
-def edit_nll(task, params, batch):
-  """Mean over requests of each target's mean per-token NLL (a scalar)."""
+def edit_nll(task, params, batch, with_argmax: bool = False):
+  """Mean over requests of each target's mean per-token NLL (a scalar);
+  with `with_argmax`, also whether every target is the model's top-1."""
   tokens_B = batch["weights"].sum(-1)
-  nll_B = -tasks.log_likelihood(task.logits(params, batch), batch)
+  logits_BxTxC = task.logits(params, batch)
+  nll_B = -tasks.log_likelihood(logits_BxTxC, batch)
   real_B = (tokens_B > 0).astype(jnp.float32)
-  return jnp.sum(nll_B / jnp.maximum(tokens_B, 1.0)) / jnp.maximum(
+  nll = jnp.sum(nll_B / jnp.maximum(tokens_B, 1.0)) / jnp.maximum(
       real_B.sum(), 1.0)
+  if not with_argmax:
+    return nll
+  hit_BxT = jnp.argmax(logits_BxTxC, -1) == batch["labels"]
+  return nll, jnp.all(hit_BxT | (batch["weights"] == 0))
 
 
 def _make_loop(task, hp, optimizer, method: str):
@@ -204,7 +224,7 @@ def _make_loop(task, hp, optimizer, method: str):
 
   def loss_fn(sub, params, batch, extra):
     full = tasks.merge(params, sub)
-    edit = edit_nll(task, full, batch)
+    edit, top1 = edit_nll(task, full, batch, with_argmax=True)
     loss = edit
     if method == "ftkl":
       kl = extra["kl"]
@@ -213,7 +233,7 @@ def _make_loop(task, hp, optimizer, method: str):
     if method == "ewc":
       loss += fisher_kernels.ewc_penalty(sub, extra["anchor"], extra["fisher"],
                                          hp.ewc_lambda)
-    return loss, edit
+    return loss, (edit, top1)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -225,8 +245,10 @@ def _make_loop(task, hp, optimizer, method: str):
 
     def body(carry):
       step, sub, opt_state, losses, linf, _ = carry
-      (_, edit), grads = grad_fn(sub, params, batch, extra)
+      (_, (edit, top1)), grads = grad_fn(sub, params, batch, extra)
       done = edit <= hp.stop_loss
+      if hp.stop_on == "argmax":
+        done = done & top1
       updates, new_state = optimizer.update(grads, opt_state, sub)
       new_sub = optax.apply_updates(sub, updates)
       if radius is not None:
@@ -241,10 +263,11 @@ def _make_loop(task, hp, optimizer, method: str):
     nan = jnp.full((hp.steps,), jnp.nan, jnp.float32)
     carry = (jnp.int32(0), sub0, optimizer.init(sub0), nan, nan,
              jnp.bool_(False))
-    steps, sub, _, losses, linf, _ = jax.lax.while_loop(cond, body, carry)
+    evals, sub, _, losses, linf, done = jax.lax.while_loop(cond, body, carry)
     final = edit_nll(task, tasks.merge(params, sub), batch)
-    return sub, {"steps": steps, "losses": losses, "linf": linf,
-                 "final_loss": final}
+    # The iteration that finds the edit done applies no update.
+    return sub, {"evals": evals, "steps": evals - done.astype(jnp.int32),
+                 "losses": losses, "linf": linf, "final_loss": final}
 
   return loop
 
@@ -361,12 +384,12 @@ def _finetune(method: str, hparams, optimizer=None) -> base.Editor:
     new_params = tasks.merge(params, sub)
     with timer("describe"):
       changed = base.describe_changes(params, sub)
-    steps = int(trace["steps"])
-    extras = {"steps": steps,
-              "losses": np.asarray(trace["losses"])[:steps].tolist(),
+    steps, evals = int(trace["steps"]), int(trace["evals"])
+    extras = {"steps": steps,  # optimizer updates applied
+              "losses": np.asarray(trace["losses"])[:evals].tolist(),
               "final_loss": float(trace["final_loss"])}
     if method == "ftl":
-      extras["linf"] = np.asarray(trace["linf"])[:steps].tolist()
+      extras["linf"] = np.asarray(trace["linf"])[:evals].tolist()
       extras["radius"] = hparams.radius
     rows = int(np.sum(np.asarray(batch["weights"]).sum(-1) > 0))
     new_state = dataclasses.replace(state, edits=state.edits + rows)
@@ -377,7 +400,8 @@ def _finetune(method: str, hparams, optimizer=None) -> base.Editor:
             kind=hparams.fisher, samples=hparams.fisher_samples,
             seed=hparams.seed + state.edits + 1, chunk=1, mesh=None,
             progress=False)
-        accumulated = {p: hparams.gamma * state.fisher[p] + jnp.asarray(fish[p])
+        accumulated = {p: hparams.gamma * state.fisher[p] +
+                       hparams.online_weight * jnp.asarray(fish[p])
                        for p in state.paths}
         new_state = dataclasses.replace(new_state, fisher=accumulated,
                                         anchor=dict(sub))

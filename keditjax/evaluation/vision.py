@@ -72,8 +72,34 @@ def parse_hparams(text: str) -> dict:
   return out
 
 
-def build_editors(methods: Sequence[str], overrides: dict) -> dict:
-  """method -> `Editor`, each given the overrides that are its fields.
+# The vision defaults, chosen with `experiments.tradeoff --task=vision`
+# (docs/RESULTS.md): plain SGD on dense1's kernel, stopping as soon as the
+# edit holds. Adam's sign-like first steps move every weight by ~lr and cost
+# 20-30 points of DD per single edit; the biases and the conv layers are
+# shared by every image and edit far less locally than dense1's kernel.
+COMMON_HPARAMS = {"params_regex": "dense1/kernel", "optimizer": "sgd",
+                  "lr": 3e-3, "steps": 1000, "stop_loss": 0.8,
+                  "stop_on": "argmax"}
+DEFAULT_HPARAMS = {
+    "ft": COMMON_HPARAMS,
+    "ftl": {**COMMON_HPARAMS, "radius": 7e-3},
+    "ftkl": {**COMMON_HPARAMS, "kl_weight": 100.0, "kl_examples": 64},
+    "ewc": {**COMMON_HPARAMS, "ewc_lambda": 1e5, "fisher_examples": 2000,
+            "fisher_batch": 64},
+}
+
+
+def default_strengths() -> dict:
+  """method -> the default value of its swept strength (ringed in plots)."""
+  from keditjax.evaluation import tradeoff
+  return {m: DEFAULT_HPARAMS[m][p] for m, (p, _) in tradeoff.STRENGTH.items()}
+
+
+def build_editors(methods: Sequence[str], overrides: dict,
+                  defaults: bool = True) -> dict:
+  """method -> `Editor`, each given the overrides that are its fields, on
+  top of `DEFAULT_HPARAMS` (unless `defaults=False`: the dataclass
+  defaults, tuned for language models).
 
   Raises:
     ConfigError: a method that is not registered, or an override that no
@@ -90,8 +116,72 @@ def build_editors(methods: Sequence[str], overrides: dict) -> dict:
   if unknown:
     raise errors.UnsupportedConfigError(
         f"hparams {unknown} are not fields of any of {list(methods)}.")
-  return {m: editors_lib.get(m, **{k: v for k, v in overrides.items()
-                                   if k in fields[m]}) for m in methods}
+  base = DEFAULT_HPARAMS if defaults else {}
+  return {m: editors_lib.get(m, **{**base.get(m, {}), **{
+      k: v for k, v in overrides.items() if k in fields[m]}})
+          for m in methods}
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything an experiment edits: data, classifier, cases, init data."""
+  data: object
+  classifier: object
+  trained: dict
+  test_accuracy: float
+  cases: list
+  init_kwargs: dict
+
+
+def prepare(dataset: str = "mnist", *, num_edits: int, edits: str = "flip",
+            flip_to: str = "runner_up", seed: int = 0, train_steps: int = 1500,
+            train_batch_size: int = 64, train_lr: float = 1e-3,
+            label_smoothing: float = 0.1, kl_inputs: int = 512,
+            progress: bool = True) -> Setup:
+  """Loads the data, loads or trains the classifier (cached), makes cases.
+
+  `label_smoothing=0.1` keeps the trained logit margins near 4 instead of
+  15+: flipping a prediction then takes a small weight change, as for a
+  calibrated model (the unsmoothed CNN's single edits cost 7-35 points of
+  DD with every method tried).
+  """
+  from keditjax.evaluation import vision_data
+  from keditjax.models import cnn
+  data = vision_data.load_dataset(dataset, seed=seed)
+  classifier, trained = cnn.load_or_train(
+      data.train_images, data.train_labels, steps=train_steps,
+      batch_size=train_batch_size, lr=train_lr, seed=seed,
+      label_smoothing=label_smoothing, progress=progress)
+  cases = make_cases(classifier, data.test_images, data.test_labels,
+                     kind=edits, num_edits=num_edits, seed=seed,
+                     flip_to=flip_to)
+  accuracy = _accuracy(classifier, classifier.params, data.test_images,
+                       data.test_labels)
+  init_kwargs = {"fisher_data": {"images": data.train_images,
+                                 "labels": data.train_labels},
+                 "kl_inputs": data.train_images[:kl_inputs],
+                 "progress": progress}
+  trained = dict(trained, train_steps=train_steps, seed=seed,
+                 label_smoothing=label_smoothing)
+  return Setup(data, classifier, trained, accuracy, cases, init_kwargs)
+
+
+def sweep_evaluator(dataset: str = "mnist", num_edits: int = 50,
+                    mode: str = "single", **prepare_kwargs):
+  """An `evaluate(method, overrides) -> metrics` for `tradeoff.sweep`: runs
+  `run_vision` on the same cases with `DEFAULT_HPARAMS` + overrides."""
+  setup = prepare(dataset, num_edits=num_edits, progress=False,
+                  **prepare_kwargs)
+
+  def evaluate(method, overrides):
+    editor = build_editors([method], overrides)[method]
+    result = run_vision(setup.classifier, editor, setup.cases, mode=mode,
+                        test_images=setup.data.test_images,
+                        test_labels=setup.data.test_labels,
+                        init_kwargs=setup.init_kwargs, progress=False)
+    return dict(result["metrics"])
+
+  return evaluate
 
 
 def _accuracy(classifier, params, images, labels) -> float:
@@ -275,6 +365,7 @@ def run_vision(classifier, editor, cases: Sequence[ImageEdit], *,
       "timing": timing}
 
 
-__all__ = ["KINDS", "METHODS", "MODES", "NEIGHBOURS", "ImageEdit",
-           "build_editors", "make_cases", "neighbourhood", "parse_hparams",
+__all__ = ["DEFAULT_HPARAMS", "KINDS", "METHODS", "MODES", "NEIGHBOURS",
+           "ImageEdit", "Setup", "build_editors", "default_strengths",
+           "prepare", "sweep_evaluator", "make_cases", "neighbourhood", "parse_hparams",
            "run_vision", "validate_edit"]

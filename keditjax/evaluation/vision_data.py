@@ -223,8 +223,12 @@ def validate_edit(edit: ImageEdit, num_classes: int,
   return edit
 
 
+FLIP_TARGETS = ("runner_up", "random")
+
+
 def make_cases(classifier, images, labels, *, kind: str = "flip",
-               num_edits: int, seed: int = 0) -> list[ImageEdit]:
+               num_edits: int, seed: int = 0,
+               flip_to: str = "runner_up") -> list[ImageEdit]:
   """The first `num_edits` cases of `kind` in a seeded order of the images.
 
   Args:
@@ -234,6 +238,10 @@ def make_cases(classifier, images, labels, *, kind: str = "flip",
     kind: "flip" or "correct" (see the module docstring).
     num_edits: cases wanted.
     seed: order and flip-label seed.
+    flip_to: the wrong class a "flip" edit asks for: "runner_up" (the
+      class the model ranks second on that image: the nearest wrong class,
+      the smallest change that makes the edit) or "random" (a seeded
+      uniform choice among the other classes: a harder edit).
 
   Returns:
     `ImageEdit`s with `case_id` = the image's index in `images`.
@@ -246,8 +254,13 @@ def make_cases(classifier, images, labels, *, kind: str = "flip",
     raise errors.ConfigError(f"kind={kind!r}; use one of {KINDS}.")
   if num_edits < 1:
     raise errors.ConfigError(f"num_edits={num_edits} must be >= 1.")
+  if flip_to not in FLIP_TARGETS:
+    raise errors.ConfigError(
+        f"flip_to={flip_to!r}; use one of {FLIP_TARGETS}.")
   labels = np.asarray(labels)
-  predicted = classifier.predict(classifier.params, images)
+  logits = np.asarray(classifier.logits(classifier.params,
+                                        np.asarray(images, np.float32)))
+  predicted = logits.argmax(-1)
   rng = np.random.default_rng(seed)
   order = rng.permutation(len(labels))
   right = predicted[order] == labels[order]
@@ -261,7 +274,13 @@ def make_cases(classifier, images, labels, *, kind: str = "flip",
   cases = []
   for i in eligible[:num_edits]:
     true = int(labels[i])
-    new = (true + 1 + int(rng.integers(k - 1))) % k if kind == "flip" else true
+    draw = (true + 1 + int(rng.integers(k - 1))) % k  # drawn either way
+    if kind == "correct":
+      new = true
+    elif flip_to == "random":
+      new = draw
+    else:
+      new = int(np.argsort(logits[i])[-2])
     cases.append(ImageEdit(np.asarray(images[i], np.float32), new, int(i),
                            true))
   return cases

@@ -171,17 +171,19 @@ def _check_training_data(images, labels, steps, batch_size, lr):
   return images.astype(np.float32), labels.astype(np.int32)
 
 
-def make_train_step(module: CNN, optimizer: optax.GradientTransformation):
+def make_train_step(module: CNN, optimizer: optax.GradientTransformation,
+                    label_smoothing: float = 0.0):
   """A jitted `train_step((params, opt_state), images, labels, idx_B)` ->
-  `((params, opt_state), loss)`: one Adam step of mean cross-entropy on the
-  rows `idx_B`. The state argument is donated."""
+  `((params, opt_state), loss)`: one Adam step of mean cross-entropy (with
+  `label_smoothing`) on the rows `idx_B`. The state argument is donated."""
   def train_step(state, images_NxHxWxC, labels_N, idx_B):
     params, opt_state = state
 
     def loss_fn(p):
       logits_BxK, _ = module.apply({"params": p}, images_NxHxWxC[idx_B])
-      return optax.softmax_cross_entropy_with_integer_labels(
-          logits_BxK, labels_N[idx_B]).mean()
+      targets_BxK = optax.smooth_labels(jax.nn.one_hot(
+          labels_N[idx_B], logits_BxK.shape[-1]), label_smoothing)
+      return optax.softmax_cross_entropy(logits_BxK, targets_BxK).mean()
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -191,6 +193,7 @@ def make_train_step(module: CNN, optimizer: optax.GradientTransformation):
 
 def train_classifier(train_images, train_labels, *, steps: int = 1500,
                      batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
+                     label_smoothing: float = 0.0,
                      config: ClassifierConfig | None = None,
                      progress: bool = True) -> Classifier:
   """Trains a `CNN` with Adam on mean cross-entropy.
@@ -202,6 +205,10 @@ def train_classifier(train_images, train_labels, *, steps: int = 1500,
     batch_size: examples per step (epochs are seeded permutations).
     lr: Adam learning rate.
     seed: initialisation and shuffling seed.
+    label_smoothing: α of `optax.smooth_labels`. Smoothing caps the logit
+      margins a trained network reaches (about log((1-α)(K-1)/α)), so an
+      edit need not move them far (0.1 keeps MNIST margins near 4 instead
+      of 15+).
     config: the architecture (default: K = max label + 1, H, W, C from the
       images).
     progress: show a tqdm bar.
@@ -222,7 +229,10 @@ def train_classifier(train_images, train_labels, *, steps: int = 1500,
   classifier = init_classifier(config, seed)
   optimizer = optax.adam(lr)
   state = (classifier.params, optimizer.init(classifier.params))
-  train_step = make_train_step(classifier.module, optimizer)
+  if not 0 <= label_smoothing < 1:
+    raise errors.ConfigError(
+        f"label_smoothing={label_smoothing} must be in [0, 1).")
+  train_step = make_train_step(classifier.module, optimizer, label_smoothing)
   images_dev, labels_dev = jnp.asarray(images), jnp.asarray(labels)
   rng = np.random.default_rng(seed)
   order, cursor = rng.permutation(len(images)), 0
@@ -291,13 +301,14 @@ def load_params(path: str, config: ClassifierConfig):
 
 def load_or_train(train_images, train_labels, *, steps: int = 1500,
                   batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
+                  label_smoothing: float = 0.0,
                   config: ClassifierConfig | None = None,
                   cache_dir: str | None = None, progress: bool = True):
   """`train_classifier`, cached on disk under `cache_dir`.
 
   Args:
-    train_images, train_labels, steps, batch_size, lr, seed, config,
-      progress: as for `train_classifier`.
+    train_images, train_labels, steps, batch_size, lr, seed,
+      label_smoothing, config, progress: as for `train_classifier`.
     cache_dir: where trained params live (default `default_cache_dir()`).
 
   Returns:
@@ -313,6 +324,8 @@ def load_or_train(train_images, train_labels, *, steps: int = 1500,
     config = ClassifierConfig(num_classes=max(2, int(labels.max()) + 1),
                               image_shape=tuple(images.shape[1:]))
   hparams = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
+  if label_smoothing:  # keeps the keys of unsmoothed caches
+    hparams["label_smoothing"] = label_smoothing
   path = os.path.join(cache_dir or default_cache_dir(),
                       f"cnn-{cache_key(config, hparams, images, labels)}"
                       ".msgpack")

@@ -1,0 +1,154 @@
+"""The reliability–locality trade-off: sweep a regularizer's strength.
+
+Every regularized editor has one knob that trades edit success against
+damage elsewhere (`STRENGTH`): FT-L's L∞ radius δ (larger: freer), FT+KL's
+KL weight and EWC's λ (larger: stiffer). `sweep` runs one evaluation per
+value and collects SR and DD (and whatever else the evaluation reports);
+`plot` draws SR against DD, one line per method, each point labelled with
+its value, so a setting can be read off the curve.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from keditjax import errors
+
+# method -> (hyper-parameter swept, True if a larger value edits more freely)
+STRENGTH = {"ftl": ("radius", True), "ftkl": ("kl_weight", False),
+            "ewc": ("ewc_lambda", False)}
+
+
+def parse_values(text: str) -> list[float]:
+  """"1e-3,3e-3,1e-2" -> [0.001, 0.003, 0.01], all positive."""
+  try:
+    values = [float(v) for v in str(text).split(",") if v.strip()]
+  except ValueError as e:
+    raise errors.ConfigError(f"sweep values {text!r}: {e}.")
+  if not values or min(values) <= 0:
+    raise errors.ConfigError(
+        f"sweep values {text!r} must be a non-empty list of positive numbers.")
+  return values
+
+
+def sweep(evaluate: Callable[[str, dict], dict], method: str,
+          values: Sequence[float], progress: bool = True) -> list[dict]:
+  """One evaluation per strength value.
+
+  Args:
+    evaluate: `(method, hparams overrides) -> metrics dict` (with "sr" and
+      "dd" at least).
+    method: a key of `STRENGTH`.
+    values: the strengths to try.
+    progress: show a tqdm bar.
+
+  Returns:
+    Rows `{"method", "param", "value", "seconds", **metrics}`.
+  """
+  if method not in STRENGTH:
+    raise errors.ConfigError(
+        f"no strength to sweep for {method!r}; methods: {sorted(STRENGTH)}.")
+  param = STRENGTH[method][0]
+  rows = []
+  for value in tqdm(list(values), desc=f"sweep {method}", disable=not progress):
+    start = time.perf_counter()
+    metrics = evaluate(method, {param: float(value)})
+    rows.append({"method": method, "param": param, "value": float(value),
+                 "seconds": time.perf_counter() - start, **metrics})
+  return rows
+
+
+def monotonicity(rows: Sequence[dict], key: str = "sr") -> float:
+  """Share of consecutive value pairs (from stiff to free) where `key`
+  does not fall: 1.0 is a perfectly monotone trade-off curve."""
+  if len(rows) < 2:
+    return 1.0
+  method = rows[0]["method"]
+  freer = STRENGTH[method][1]
+  ordered = sorted(rows, key=lambda r: r["value"], reverse=not freer)
+  pairs = list(zip(ordered, ordered[1:]))
+  ok = sum(b[key] >= a[key] - 1e-9 for a, b in pairs)
+  return ok / len(pairs)
+
+
+def plot(rows: Sequence[dict], path: str, title: str = "",
+         x: str = "dd", y: str = "sr", xlabel: str = "DD (points)",
+         ylabel: str = "SR (%)", chosen: dict | None = None) -> str:
+  """SR against DD, one line per method (ordered stiff → free), points
+  labelled by value; `chosen` ({method: value}) rings the default."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6.4, 4.6))
+  for method in dict.fromkeys(r["method"] for r in rows):
+    mine = [r for r in rows if r["method"] == method]
+    mine.sort(key=lambda r: r["value"], reverse=not STRENGTH[method][1])
+    xs, ys = [r[x] for r in mine], [r[y] for r in mine]
+    line, = ax.plot(xs, ys, "o-", label=f"{method} ({mine[0]['param']})")
+    for r in mine:
+      ax.annotate(f"{r['value']:g}", (r[x], r[y]), textcoords="offset points",
+                  xytext=(4, 4), fontsize=7, color=line.get_color())
+      if chosen and chosen.get(method) is not None and np.isclose(
+          r["value"], chosen[method]):
+        ax.plot([r[x]], [r[y]], "o", ms=13, mfc="none",
+                color=line.get_color())
+  spread = [abs(r[x]) for r in rows if r.get(x) is not None]
+  if spread and max(spread) > 20:  # diverged points would squash the rest
+    ax.set_xscale("symlog", linthresh=2.0)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title or "Reliability–locality trade-off")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+LM_KEYS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "sr",
+           "gr", "dd", "efficacy_magnitude", "neighborhood_magnitude")
+
+
+def language_model_evaluator(model, cases, *, heldout=None, protocol=None,
+                             base: dict | None = None, progress: bool = False):
+  """An `evaluate` for `sweep` on a language model through the harness.
+
+  Every call edits each case into f0 (`protocol`, default single edits
+  without fluency), and reports the harness's CounterFact scores, SR/GR,
+  DD on `heldout`, and `neighborhood_drop`: the unedited model's
+  neighbourhood score on the same cases minus the edited one (points).
+
+  Args:
+    model: the `LanguageModel`.
+    cases: `EditCase`s.
+    heldout: facts for DD (None: no DD, reported as 0).
+    protocol: a `protocols.Protocol`.
+    base: hyper-parameter overrides applied to every point (e.g. the
+      `params_regex`).
+    progress: per-run progress bars.
+  """
+  from keditjax import editors
+  from keditjax.evaluation import protocols
+  protocol = protocol or protocols.Protocol("single", fluency=False,
+                                            dd_every=5)
+  unedited = protocols.run(model, None, cases, protocol, heldout=None,
+                           progress=False)["metrics"]
+
+  def evaluate(method, overrides):
+    editor = editors.get(method, **{**(base or {}), **overrides})
+    result = protocols.run(model, editor, cases, protocol, heldout=heldout,
+                           progress=progress)
+    row = {k: result["metrics"].get(k) for k in LM_KEYS}
+    row["dd"] = row["dd"] or 0.0
+    row["neighborhood_drop"] = (unedited["neighborhood_score"] -
+                                row["neighborhood_score"])
+    row["unedited_neighborhood"] = unedited["neighborhood_score"]
+    row["unedited_efficacy"] = unedited["efficacy_score"]
+    return row
+
+  return evaluate
