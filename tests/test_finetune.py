@@ -311,14 +311,25 @@ def test_ewc_holds_high_fisher_weights_and_online_ewc_accumulates(lm):
       {q: base.get_leaf(p, q) for q in state.paths}, state.anchor,
       state.fisher, 1.0))
   assert penalty(new_ewc) < 0.5 * penalty(new_ft)
-  online = editors.get("ewc", ewc_lambda=1e4, online=True, **common)
-  s0 = online.init(lm, fisher_data=TEXTS, progress=False)
-  p1, s1, _ = online.apply(lm.params, [REQ], s0)
-  (path,) = s0.paths
-  assert float(jnp.sum(s1.fisher[path])) > float(jnp.sum(s0.fisher[path]))
-  np.testing.assert_array_equal(s1.anchor[path], base.get_leaf(p1, path))
-  np.testing.assert_array_equal(s0.anchor[path],
-                                base.get_leaf(lm.params, path))
+  for anchor in ("latest", "mean"):
+    online = editors.get("ewc", ewc_lambda=1e4, online=True, gamma=0.9,
+                         online_weight=0.5, online_anchor=anchor, **common)
+    s0 = online.init(lm, fisher_data=TEXTS, progress=False)
+    p1, s1, _ = online.apply(lm.params, [REQ], s0)
+    (path,) = s0.paths
+    theta0, theta1 = (np.asarray(base.get_leaf(p, path), np.float64)
+                      for p in (lm.params, p1))
+    f0 = np.asarray(s0.fisher[path], np.float64)
+    f_edit = (np.asarray(s1.fisher[path], np.float64) - 0.9 * f0) / 0.5
+    assert f_edit.min() >= -1e-6 and f_edit.sum() > 0  # the edit's Fisher
+    np.testing.assert_array_equal(s0.anchor[path], theta0)
+    if anchor == "latest":  # Schwarz et al.: the edited weights
+      np.testing.assert_array_equal(s1.anchor[path], theta1)
+    else:  # the minimiser of 0.9 F0 (θ-θ0)² + 0.5 F_e (θ-θ1)²
+      want = (0.9 * f0 * theta0 + 0.5 * f_edit * theta1) / (
+          0.9 * f0 + 0.5 * f_edit)
+      np.testing.assert_allclose(s1.anchor[path], want, rtol=1e-4,
+                                 atol=1e-7)
 
 
 def test_a_custom_optax_optimizer_and_a_classifier():

@@ -13,10 +13,13 @@ differs only in what keeps the rest of the model in place:
   FT+KL  + w · KL(p_θ₀(·|x) ‖ p_θ(·|x)) averaged over unrelated inputs x
          (corpus text or training images), θ₀ the weights at `init`;
   EWC    + ½ λ Σ_i F_i (θ_i − θ*_i)², F the diagonal Fisher over a named
-         dataset at θ* (Kirkpatrick et al. 2017, eq. 3); `online=True`
-         (Schwarz et al. 2018) adds each edit's own Fisher, F ← γF + F_edit,
-         and moves θ* to the edited weights, so successive edits protect
-         the earlier ones.
+         dataset at θ* (Kirkpatrick et al. 2017, eq. 3). `online=True`
+         treats every edit as a new task whose Fisher F_e (on the edit, at
+         the edited weights θ_e) joins the penalty, so successive edits
+         protect the earlier ones: F ← γF + wF_e, and θ* ←
+         (γFθ* + wF_eθ_e) / (γF + wF_e) (`online_anchor="mean"`: the sum of
+         the per-task penalties of Kirkpatrick et al., up to a constant) or
+         θ* ← θ_e (`"latest"`: Schwarz et al. 2018's online EWC).
 
 The optimiser is any optax transformation (default Adam). The whole loop is
 one jitted `lax.while_loop`: at most `steps` steps, stopping early once the
@@ -133,7 +136,9 @@ class EWCHParams(FTHParams):
     fisher_length: tokens per corpus row (language models).
     fisher_batch: examples per jitted Fisher step.
     fisher_chunk: examples per vmapped per-example gradient.
-    online: accumulate each edit's Fisher and move the anchor (online EWC).
+    online: accumulate each edit's Fisher into the penalty (online EWC).
+    online_anchor: "mean" (precision-weighted anchor: every task's penalty
+      kept) or "latest" (the edited weights, Schwarz et al.).
     gamma: decay of the accumulated Fisher in online EWC.
     online_weight: weight of each edit's own Fisher in online EWC
       (F ← γF + w·F_edit). One example's squared gradient dwarfs a dataset
@@ -148,6 +153,7 @@ class EWCHParams(FTHParams):
   fisher_batch: int = 8
   fisher_chunk: int = 8
   online: bool = False
+  online_anchor: str = "mean"
   gamma: float = 1.0
   online_weight: float = 1.0
   seed: int = 0
@@ -170,6 +176,9 @@ class EWCHParams(FTHParams):
           f"{self.fisher_batch}.")
     if not 0 < self.gamma <= 1:
       raise errors.ConfigError(f"gamma={self.gamma} must be in (0, 1].")
+    if self.online_anchor not in ("mean", "latest"):
+      raise errors.ConfigError(
+          f"online_anchor={self.online_anchor!r}; use 'mean' or 'latest'.")
     if not self.online_weight > 0:
       raise errors.ConfigError(
           f"online_weight={self.online_weight} must be > 0.")
@@ -400,11 +409,19 @@ def _finetune(method: str, hparams, optimizer=None) -> base.Editor:
             kind=hparams.fisher, samples=hparams.fisher_samples,
             seed=hparams.seed + state.edits + 1, chunk=1, mesh=None,
             progress=False)
-        accumulated = {p: hparams.gamma * state.fisher[p] +
-                       hparams.online_weight * jnp.asarray(fish[p])
-                       for p in state.paths}
-        new_state = dataclasses.replace(new_state, fisher=accumulated,
-                                        anchor=dict(sub))
+        old_f = {p: hparams.gamma * state.fisher[p] for p in state.paths}
+        new_f = {p: hparams.online_weight * jnp.asarray(fish[p])
+                 for p in state.paths}
+        total = {p: old_f[p] + new_f[p] for p in state.paths}
+        if hparams.online_anchor == "latest":
+          anchor = dict(sub)
+        else:  # Σ_k F_k (θ − θ_k)² = F (θ − Σ_k F_k θ_k / F)² + const
+          anchor = {p: jnp.where(total[p] > 0, (
+              old_f[p] * state.anchor[p] + new_f[p] * sub[p]) / jnp.where(
+                  total[p] > 0, total[p], 1.0), state.anchor[p])
+                    for p in state.paths}
+        new_state = dataclasses.replace(new_state, fisher=total,
+                                        anchor=anchor)
     return new_params, new_state, base.EditInfo(changed, timer.seconds, extras)
 
   return base.Editor(method, hparams, init, apply)
