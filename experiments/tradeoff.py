@@ -88,6 +88,9 @@ def main(argv):
   tradeoff.plot(rows, os.path.join(FLAGS.output_dir, "sr_dd.png"),
                 title=f"SR vs DD, {title}, {FLAGS.num_edits} single edits",
                 chosen=chosen)
+  tradeoff.plot_strength(rows, os.path.join(FLAGS.output_dir, "strength.png"),
+                         title=f"SR and DD vs strength, {title}",
+                         chosen=chosen)
   if FLAGS.task == "lm":  # the field's locality measure, more sensitive
     tradeoff.plot(rows, os.path.join(FLAGS.output_dir,
                                      "efficacy_neighborhood.png"),

@@ -152,3 +152,39 @@ def language_model_evaluator(model, cases, *, heldout=None, protocol=None,
     return row
 
   return evaluate
+
+
+def plot_strength(rows: Sequence[dict], path: str, title: str = "",
+                  chosen: dict | None = None) -> str:
+  """One panel per method: SR (left axis) and DD (right axis) against the
+  swept value (log scale); the dotted line marks the default."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import matplotlib.ticker  # noqa: F401 (used through matplotlib.ticker)
+  methods = list(dict.fromkeys(r["method"] for r in rows))
+  fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.6),
+                           squeeze=False)
+  for ax, method in zip(axes[0], methods):
+    mine = sorted((r for r in rows if r["method"] == method),
+                  key=lambda r: r["value"])
+    xs = [r["value"] for r in mine]
+    ax.plot(xs, [r["sr"] for r in mine], "o-", color="tab:blue")
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_ylabel("SR (%)", color="tab:blue")
+    ax.set_xlabel(mine[0]["param"])
+    twin = ax.twinx()
+    twin.plot(xs, [r["dd"] for r in mine], "s--", color="tab:red")
+    twin.set_ylabel("DD (points)", color="tab:red")
+    if max(abs(r["dd"]) for r in mine) > 20:
+      twin.set_yscale("symlog", linthresh=2.0)
+    if chosen and chosen.get(method) is not None:
+      ax.axvline(chosen[method], color="gray", ls=":")
+    ax.set_title(method)
+    ax.grid(alpha=0.3)
+  fig.suptitle(title or "SR and DD against the regularization strength")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
