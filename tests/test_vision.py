@@ -291,3 +291,24 @@ def test_launcher_runs_every_method_and_plots(trained, cache_root, tmp_path):
   assert (out / "compare.png").stat().st_size > 1000
   assert "| ewc |" in (out / "summary.md").read_text()
   shutil.rmtree(out)
+
+
+def test_tradeoff_launcher_sweeps_and_plots(cache_root, tmp_path):
+  out = tmp_path / "sweep"
+  cmd = [sys.executable, "-m", "experiments.tradeoff", "--task=vision",
+         "--dataset=digits", "--num_edits=3", "--ftl=1e-3,1e-2",
+         "--ftkl=1,10", "--ewc=1e3,1e4", f"--output_dir={out}"]
+  env = dict(os.environ, KEDITJAX_CACHE=cache_root)
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads((out / "results.json").read_text())
+  assert [(r["method"], r["value"]) for r in result["rows"]] == [
+      ("ftl", 1e-3), ("ftl", 1e-2), ("ftkl", 1.0), ("ftkl", 10.0),
+      ("ewc", 1e3), ("ewc", 1e4)]
+  for r in result["rows"]:
+    assert 0 <= r["sr"] <= 100 and "dd" in r and "gr" in r
+  assert result["chosen"] == vision.default_strengths()
+  assert set(result["monotonicity"]) == {"ftl", "ftkl", "ewc"}
+  for name in ("sr_dd.png", "strength.png", "summary.md"):
+    assert (out / name).stat().st_size > 100
