@@ -77,3 +77,23 @@ def test_evaluate_command_sequential_rome(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "mode='batch'" in bad.stderr
   assert not (tmp_path / "bad").exists()
+
+
+def test_evaluate_command_ftl_with_config_overrides(tmp_path):
+  out = tmp_path / "ftl"
+  cmd = [sys.executable, "-m", "experiments.evaluate", "--method=ftl",
+         "--num_edits=2", "--mode=single", "--heldout=none", "--fluency=false",
+         "--config.ftl.params_regex=^layers_5/mlp/down_proj/kernel$",
+         "--config.ftl.radius=0.004", f"--output_dir={out}"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                        timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((out / "results.json").read_text())
+  assert results["hparams"]["params_regex"] == "^layers_5/mlp/down_proj/kernel$"
+  assert results["hparams"]["radius"] == 0.004
+  assert results["metrics"]["efficacy_score"] == 100.0
+  bad = subprocess.run(cmd[:-1] + ["--config.ftl.radius=0",
+                                   f"--output_dir={tmp_path / 'bad'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert bad.returncode != 0 and "radius=0" in bad.stderr
+  assert not (tmp_path / "bad").exists()
