@@ -155,9 +155,12 @@ def language_model_evaluator(model, cases, *, heldout=None, protocol=None,
 
 
 def plot_strength(rows: Sequence[dict], path: str, title: str = "",
-                  chosen: dict | None = None) -> str:
-  """One panel per method: SR (left axis) and DD (right axis) against the
-  swept value (log scale); the dotted line marks the default."""
+                  chosen: dict | None = None,
+                  left: tuple = ("sr", "SR (%)"),
+                  right: tuple = ("dd", "DD (points)")) -> str:
+  """One panel per method: `left` (default SR) and `right` (default DD)
+  metrics against the swept value (log scale); the dotted line marks the
+  default."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -169,15 +172,15 @@ def plot_strength(rows: Sequence[dict], path: str, title: str = "",
     mine = sorted((r for r in rows if r["method"] == method),
                   key=lambda r: r["value"])
     xs = [r["value"] for r in mine]
-    ax.plot(xs, [r["sr"] for r in mine], "o-", color="tab:blue")
+    ax.plot(xs, [r[left[0]] for r in mine], "o-", color="tab:blue")
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_ylabel("SR (%)", color="tab:blue")
+    ax.set_ylabel(left[1], color="tab:blue")
     ax.set_xlabel(mine[0]["param"])
     twin = ax.twinx()
-    twin.plot(xs, [r["dd"] for r in mine], "s--", color="tab:red")
-    twin.set_ylabel("DD (points)", color="tab:red")
-    if max(abs(r["dd"]) for r in mine) > 20:
+    twin.plot(xs, [r[right[0]] for r in mine], "s--", color="tab:red")
+    twin.set_ylabel(right[1], color="tab:red")
+    if max(abs(r[right[0]]) for r in mine) > 20:
       twin.set_yscale("symlog", linthresh=2.0)
     if chosen and chosen.get(method) is not None:
       ax.axvline(chosen[method], color="gray", ls=":")
@@ -188,3 +191,53 @@ def plot_strength(rows: Sequence[dict], path: str, title: str = "",
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
+
+
+def summary_markdown(rows: Sequence[dict]) -> str:
+  """A markdown table: one row per swept point, every metric it has."""
+  fixed = ("method", "param", "value", "sr", "dd")
+  rest = [k for k in rows[0] if k not in fixed]
+  lines = ["| method | param | value | SR | DD | " + " | ".join(rest) + " |",
+           "|" + "---|" * (len(rest) + 5)]
+  for r in rows:
+    cells = [f"{r.get(k):.3g}" if isinstance(r.get(k), float) else
+             str(r.get(k)) for k in rest]
+    lines.append(f"| {r['method']} | {r['param']} | {r['value']:g} | "
+                 f"{r['sr']:.1f} | {r['dd']:.2f} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def write(result: dict, output_dir: str, title: str) -> str:
+  """results.json (with each method's monotonicity), summary.md, sr_dd.png
+  and strength.png; for language models also efficacy against the
+  neighbourhood drop (`efficacy_neighborhood.png`, `strength_locality.png`).
+
+  Returns:
+    The summary table.
+  """
+  import json
+  import os
+  rows, chosen = result["rows"], result.get("chosen")
+  methods = list(dict.fromkeys(r["method"] for r in rows))
+  result = dict(result, monotonicity={m: monotonicity(
+      [r for r in rows if r["method"] == m]) for m in methods})
+  os.makedirs(output_dir, exist_ok=True)
+  with open(os.path.join(output_dir, "results.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  table = summary_markdown(rows)
+  with open(os.path.join(output_dir, "summary.md"), "w") as f:
+    f.write(table)
+  path = lambda name: os.path.join(output_dir, name)
+  plot(rows, path("sr_dd.png"), title=f"SR vs DD, {title}", chosen=chosen)
+  plot_strength(rows, path("strength.png"), chosen=chosen,
+                title=f"SR and DD vs strength, {title}")
+  if all("neighborhood_drop" in r for r in rows):  # the field's locality
+    plot(rows, path("efficacy_neighborhood.png"), chosen=chosen,
+         title=f"Efficacy vs neighbourhood drop, {title}",
+         x="neighborhood_drop", y="efficacy_score",
+         xlabel="neighbourhood drop (points)", ylabel="efficacy (%)")
+    plot_strength(rows, path("strength_locality.png"), chosen=chosen,
+                  title=f"Efficacy and neighbourhood drop vs strength, {title}",
+                  left=("efficacy_score", "efficacy (%)"),
+                  right=("neighborhood_drop", "neighbourhood drop (points)"))
+  return table
