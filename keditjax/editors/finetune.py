@@ -191,6 +191,7 @@ class FinetuneState:
   Attributes:
     task: the model's task (`tasks.task_for`).
     paths: the tuned leaves' path tuples.
+    loop: the jitted edit loop (compiled once per batch shape).
     kl: `{"batch", "logp0"}` for FT+KL, else None.
     fisher, anchor: `{path: array}` for EWC, else None.
     fisher_examples: examples behind `fisher`.
@@ -198,6 +199,7 @@ class FinetuneState:
   """
   task: Any
   paths: tuple
+  loop: Any = None
   kl: dict | None = None
   fisher: dict | None = None
   anchor: dict | None = None
@@ -299,12 +301,6 @@ def _lm_text_batch(task, data, examples, length):
 def _finetune(method: str, hparams, optimizer=None) -> base.Editor:
   """The editor for `method` with `hparams` (see the module docstring)."""
   tx = optimizer or getattr(optax, hparams.optimizer)(hparams.lr)
-  loops = {}
-
-  def loop_for(task):
-    if id(task) not in loops:
-      loops[id(task)] = _make_loop(task, hparams, tx, method)
-    return loops[id(task)]
 
   def init(model, params=None, *, kl_inputs=None, fisher_data=None,
            mesh=None, progress: bool = True, use_cache: bool = True):
@@ -330,7 +326,7 @@ def _finetune(method: str, hparams, optimizer=None) -> base.Editor:
     task = tasks.task_for(model)
     regex = hparams.params_regex or task.default_regex
     paths = tuple(sorted(tasks.select(params, regex)))
-    state = FinetuneState(task, paths)
+    state = FinetuneState(task, paths, _make_loop(task, hparams, tx, method))
     if method == "ftkl":
       if task.kind == "classifier":
         if kl_inputs is None:
@@ -388,7 +384,7 @@ def _finetune(method: str, hparams, optimizer=None) -> base.Editor:
       if state.fisher is not None:
         extra["fisher"], extra["anchor"] = state.fisher, state.anchor
     with timer("optimize"):
-      sub, trace = loop_for(task)(sub0, params, batch, extra)
+      sub, trace = state.loop(sub0, params, batch, extra)
       sub = jax.block_until_ready(sub)
     new_params = tasks.merge(params, sub)
     with timer("describe"):
