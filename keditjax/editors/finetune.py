@@ -110,7 +110,7 @@ class FTKLHParams(FTHParams):
       not given `kl_inputs`.
     kl_length: tokens per corpus row (language models).
   """
-  kl_weight: float = 1.0
+  kl_weight: float = 100.0
   kl_examples: int = 8
   kl_length: int = 16
 
