@@ -34,7 +34,7 @@ edit loss is below `stop_loss`; its per-step edit losses (and, for FT-L,
 from __future__ import annotations
 
 import dataclasses
-import time
+import hashlib
 from typing import Any
 
 import jax
@@ -425,7 +425,6 @@ def _finetune(method: str, hparams, optimizer=None) -> base.Editor:
 
 def hashlib_of(data) -> str:
   """sha256 of an array's bytes or a string (a cache key for datasets)."""
-  import hashlib
   if isinstance(data, str):
     return hashlib.sha256(data.encode()).hexdigest()
   array = np.ascontiguousarray(np.asarray(data))

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Mapping, Sequence
+import re
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -220,7 +221,6 @@ def select(params, regex: str) -> dict:
   Raises:
     ConfigError: the regex is invalid or selects no leaf.
   """
-  import re
   try:
     pattern = re.compile(regex)
   except re.error as e:
