@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from keditjax import errors
+from keditjax import errors, stats
 from keditjax.editors import base
 from keditjax.models import lm
 
@@ -101,7 +101,6 @@ class LanguageModelTask:
     Yields `(batch, real_rows)` with `batch_size` rows each (the last is
     padded with weight-0 rows); `examples` rows in all.
     """
-    from keditjax import stats  # stats imports editors' neighbours; keep lazy
     rows = stats.packed_rows(self.model.tokenizer, texts, length,
                              num_tokens=examples * length)
     rows = (r for r in rows if len(r) > 1)
