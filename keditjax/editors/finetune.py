@@ -34,7 +34,6 @@ edit loss is below `stop_loss`; its per-step edit losses (and, for FT-L,
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from typing import Any
 
 import jax
@@ -346,8 +345,8 @@ def _finetune(method: str, hparams, optimizer=None) -> base.Editor:
         batches = task.data_batches(fisher_data,
                                     batch_size=hparams.fisher_batch,
                                     examples=hparams.fisher_examples)
-        key = {"images": hashlib_of(fisher_data["images"]),
-               "labels": hashlib_of(fisher_data["labels"]),
+        key = {"images": fisher.digest(fisher_data["images"]),
+               "labels": fisher.digest(fisher_data["labels"]),
                "examples": hparams.fisher_examples}
       else:
         batches = task.text_batches(_corpus_texts(fisher_data),
@@ -356,7 +355,7 @@ def _finetune(method: str, hparams, optimizer=None) -> base.Editor:
                                     batch_size=hparams.fisher_batch)
         key = {"corpus": (stats.resolve_corpus(fisher_data).identity
                           if fisher_data is None or isinstance(fisher_data, str)
-                          else hashlib_of("\n".join(fisher_data))),
+                          else fisher.digest("\n".join(fisher_data))),
                "examples": hparams.fisher_examples,
                "length": hparams.fisher_length}
       total = -(-hparams.fisher_examples // hparams.fisher_batch)
@@ -421,15 +420,6 @@ def _finetune(method: str, hparams, optimizer=None) -> base.Editor:
     return new_params, new_state, base.EditInfo(changed, timer.seconds, extras)
 
   return base.Editor(method, hparams, init, apply)
-
-
-def hashlib_of(data) -> str:
-  """sha256 of an array's bytes or a string (a cache key for datasets)."""
-  if isinstance(data, str):
-    return hashlib.sha256(data.encode()).hexdigest()
-  array = np.ascontiguousarray(np.asarray(data))
-  return hashlib.sha256(f"{array.shape}|{array.dtype}|".encode() +
-                        array.reshape(-1).view(np.uint8).tobytes()).hexdigest()
 
 
 def ft(hparams: FTHParams = FTHParams(), optimizer=None) -> base.Editor:

@@ -45,9 +45,14 @@ def cache_dir() -> str:
   return os.path.join(os.path.dirname(stats.default_cache_dir()), "fisher")
 
 
-def _digest(params) -> str:
+def digest(data) -> str:
+  """sha256 of a string, or of a pytree's paths, shapes, dtypes and bytes
+  (a cache key for weights and datasets)."""
   h = hashlib.sha256()
-  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+  if isinstance(data, str):
+    h.update(data.encode())
+    return h.hexdigest()
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(data)[0]:
     array = np.ascontiguousarray(np.asarray(leaf))
     h.update(f"{jax.tree_util.keystr(key_path)}|{array.shape}|{array.dtype}|"
              .encode())
@@ -115,7 +120,7 @@ def fisher_diagonal(task, params, paths: Sequence[tuple],
             "paths": ["/".join(p) for p in paths], "task": task.kind,
             "data": cache_key}
     fingerprint = hashlib.sha256((json.dumps(meta, sort_keys=True) +
-                                  _digest(params)).encode()).hexdigest()
+                                  digest(params)).encode()).hexdigest()
     path = os.path.join(cache_dir(), f"fisher-{fingerprint[:32]}.npz")
     found = stats._read_verified(path, {"fingerprint": fingerprint})
     if found is not None:
