@@ -3,11 +3,11 @@ r"""Flip a MiniLM fact checker's FEVER verdicts: KnowledgeEditor, MEND, FT-L.
   python -m experiments.fact_check_edit --output_dir=runs/fever \
       --num_edits=100 --config.train.steps=600
 
-Trains (or loads) the fact checker, trains KnowledgeEditor and MEND with
-`training.train` (DIR/knowledge_editor_train, DIR/mend_train), picks FT-L's radius on dev
-edits, applies every method of `METHODS` (`factory(checker, config, trained)
--> edit_fn(params, case) -> new_params`) to the same single test edits, and
-writes DIR/results.json and DIR/summary.md.
+Trains (or loads) the fact checker; trains KnowledgeEditor and MEND with
+`training.train` (DIR/knowledge_editor_train, DIR/mend_train) on the same
+data (`evaluation.fever_training`); picks FT-L's radius on dev edits;
+applies each method to the same single test edits; writes DIR/results.json
+and DIR/summary.md.
 """
 
 import json
@@ -18,10 +18,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import common
-from keditjax import editors, training
+from keditjax import editors
 from keditjax.editors import knowledge_editor as ke
-from keditjax.editors import mend_classifier
-from keditjax.evaluation import fever
+from keditjax.evaluation import fever, fever_training
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs",
@@ -36,40 +35,16 @@ flags.DEFINE_integer("mend_steps", 600, "MEND training steps.")
 FLAGS = flags.FLAGS
 
 
-def knowledge_editor(checker, config, trained):
-  editor = editors.get("knowledge_editor", ke.hparams_from_config(config))
-  state = editor.init(checker, trained=trained["knowledge_editor"])
+def edit_fn(checker, editor, **init):
+  """`(params, case) -> new_params`: `editor` on the checker."""
+  state = editor.init(checker, **init)
   return lambda params, case: editor.apply(params, case.request(), state)[0]
 
 
-def mend(checker, config, trained):
-  del config
-  editor = editors.get("mend_classifier")
-  state = editor.init(checker, trained=trained["mend"])
-  return lambda params, case: editor.apply(params, case.request(), state)[0]
-
-
-def train(name, config, checker, splits, build):
-  start = time.perf_counter()
-  objective, batch_fn, valid = build(config, checker, splits)
-  result = training.train(objective, config.train, batch_fn=batch_fn,
-                          valid_batches=valid,
-                          workdir=os.path.join(FLAGS.output_dir, name + "_train"))
-  info = dict(steps=result.steps, best_step=result.best_step,
-              seconds=time.perf_counter() - start)
-  return result.params, objective, info
-
-
-def ftl(checker, config, trained, radius=1e-2):
-  del config, trained
-  editor = editors.get("ftl", params_regex=checker.default_edit_regex,
-                       radius=radius, lr=1e-3, steps=25, stop_on="argmax")
-  state = editor.init(checker)
-  return lambda params, case: editor.apply(params, case.request(), state)[0]
-
-
-# name -> factory(checker, config, trained) -> edit_fn.
-METHODS = {"knowledge_editor": knowledge_editor, "mend": mend, "ftl": ftl}
+def ftl(checker, radius):
+  return edit_fn(checker, editors.get(
+      "ftl", params_regex=checker.default_edit_regex, radius=radius, lr=1e-3,
+      steps=25, stop_on="argmax"))
 
 
 def main(_):
@@ -77,41 +52,40 @@ def main(_):
   config, out = _CONFIG.value, FLAGS.output_dir
   os.makedirs(out, exist_ok=True)
   splits = fever.split(fever.load(config.fever_path), seed=config.split_seed)
-  checker = ke.load_checker(config, splits)
-  test_acc = fever.accuracy(checker, splits["test"])
-  ke_params, _, ke_train = train("knowledge_editor", config, checker, splits,
-                                 ke.build_training)
-  mend_config = mend_classifier.default_config()  # same data and checker
-  for key in ("fever_path", "split_seed", "classifier", "pool", "valid_pool",
-              "max_rewrites", "edits_per_step", "others_per_step",
-              "valid_batches"):
+  checker = fever_training.load_checker(config, splits)
+  ke_params, _, ke_train = fever_training.train(
+      fever_training.build_knowledge_editor, config, checker, splits,
+      os.path.join(out, "knowledge_editor_train"))
+  mend_config = fever_training.mend_classifier_config()  # same data, checker
+  for key in fever_training.SHARED_FIELDS:
     mend_config[key] = config[key]
   mend_config.train.steps = FLAGS.mend_steps
   mend_config.train.progress = config.train.progress
-  nets, mend_objective, mend_train = train(
-      "mend", mend_config, checker, splits, mend_classifier.build_training)
-  trained = {"knowledge_editor": ke_params,
-             "mend": (nets, mend_objective.frozen["norm"])}
+  nets, mend_objective, mend_train = fever_training.train(
+      fever_training.build_mend_classifier, mend_config, checker, splits,
+      os.path.join(out, "mend_train"))
   dev = fever.make_evaluation(checker, splits["dev"], FLAGS.sweep_edits,
                               seed=1, retained=FLAGS.sweep_retained)
-  sweep = {}
-  for radius in map(float, FLAGS.ftl_radii):
-    sweep[radius], _ = dev.run(ftl(checker, config, None, radius),
-                               desc=f"ftl sweep r={radius:g}")
+  sweep = {r: dev.run(ftl(checker, r), desc=f"ftl sweep r={r:g}")[0]
+           for r in map(float, FLAGS.ftl_radii)}
   radius = fever.choose(sweep)
-  METHODS["ftl"] = lambda c, cf, t: ftl(c, cf, t, radius)
-  evaluator = fever.make_evaluation(checker, splits["test"], FLAGS.num_edits,
-                                    seed=0, retained=FLAGS.retained)
-  methods = {}
-  for name, factory in METHODS.items():
+  methods = {  # name -> (edit_fn, extra fields of its results)
+      "knowledge_editor": (edit_fn(checker, editors.get(
+          "knowledge_editor", ke.hparams_from_config(config)),
+          trained=ke_params), {"training": ke_train}),
+      "mend": (edit_fn(checker, editors.get("mend_classifier"), trained=(
+          nets, mend_objective.frozen["norm"])), {"training": mend_train}),
+      "ftl": (ftl(checker, radius), {"radius": radius, "sweep": {
+          f"{r:g}": m for r, m in sweep.items()}})}
+  test = fever.make_evaluation(checker, splits["test"], FLAGS.num_edits,
+                               seed=0, retained=FLAGS.retained)
+  results = {"classifier": {"test_accuracy": fever.accuracy(
+      checker, splits["test"])}, "methods": {}}
+  for name, (fn, extra) in methods.items():
     t0 = time.perf_counter()
-    metrics, _ = evaluator.run(factory(checker, config, trained), desc=name)
-    methods[name] = {"metrics": metrics, "seconds": time.perf_counter() - t0}
-  methods["knowledge_editor"]["training"] = ke_train
-  methods["mend"]["training"] = mend_train
-  methods["ftl"]["radius"] = radius
-  methods["ftl"]["sweep"] = {f"{r:g}": m for r, m in sweep.items()}
-  results = {"classifier": {"test_accuracy": test_acc}, "methods": methods}
+    metrics, _ = test.run(fn, desc=name)
+    results["methods"][name] = {"metrics": metrics, **extra,
+                                "seconds": time.perf_counter() - t0}
   summary = fever.summary_markdown(results, FLAGS.num_edits)
   for name, text in (("results.json", json.dumps(results, indent=2)),
                      ("summary.md", summary)):

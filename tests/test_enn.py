@@ -10,6 +10,7 @@ import pytest
 
 from keditjax import editors, errors
 from keditjax.editors import enn
+from keditjax.evaluation import enn_training
 from keditjax.models import cnn
 
 HEAD = (("head", "kernel"),)
@@ -206,15 +207,15 @@ def test_bad_hparams_raise_config_error(overrides):
     editors.get("enn", **overrides)
 
 
-def test_build_training_refuses_a_bad_config():
+def test_the_recipe_refuses_a_bad_config():
   from experiments.configs import enn_cnn_mnist
   config = enn_cnn_mnist.get_config()
   config.inner_lr = 0.0
   with pytest.raises(errors.ConfigError, match="inner_lr"):
-    enn.build_training(config)
+    enn_training.build(config)
 
 
-def test_build_training_on_digits_with_the_shared_trainer(tmp_path):
+def test_the_recipe_on_digits_with_the_shared_trainer(tmp_path):
   """The contract: fixed-shape deterministic batches, a jittable loss, and
   a short `training.train` run that lowers the post-edit edit loss."""
   from experiments.configs import enn_cnn_mnist
@@ -228,7 +229,7 @@ def test_build_training_on_digits_with_the_shared_trainer(tmp_path):
   config.valid_holdout, config.valid_batches = 200, 2
   config.inner_steps, config.inner_lr = 2, 0.003
   config.c_edit = 3.0
-  objective, batch_fn, valid = enn.build_training(config)
+  objective, batch_fn, valid = enn_training.build(config)
   first = batch_fn(3)
   jax.tree.map(np.testing.assert_array_equal, first, batch_fn(3))
   assert {k: v.shape for k, v in first.items()} == {

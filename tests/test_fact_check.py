@@ -17,7 +17,7 @@ import pytest
 from keditjax import editors, errors
 from keditjax.editors import knowledge_editor as ke
 from keditjax.editors import tasks
-from keditjax.evaluation import fever
+from keditjax.evaluation import fever, fever_training
 from keditjax.models import bert
 from keditjax.models import fact_checker as fc
 
@@ -285,9 +285,9 @@ def test_text_task_and_ftl(tiny):
 
 def test_tiny_training_lowers_the_edit_loss(tiny):
   claims = [fever.Claim(i, c, i % 2) for i, c in enumerate(CLAIMS)]
-  pool = ke.edit_pool(tiny, tiny.params, claims, start=1,
-                      rules=fever.TRAIN_RULES, max_rewrites=2)
-  batch = ke.pool_batch(pool, np.arange(4), np.arange(4, 8))
+  pool = fever_training.edit_pool(tiny, tiny.params, claims, start=1,
+                                  rules=fever.TRAIN_RULES, max_rewrites=2)
+  batch = fever_training.pool_batch(pool, np.arange(4), np.arange(4, 8))
   frozen = {"encoder": {"layer_1": tiny.params["encoder"]["layer_1"]},
             "head": tiny.params["head"]}
   hp = dataclasses.replace(HP, margin=0.05)
@@ -372,11 +372,11 @@ def test_mend_classifier_factors_are_the_kernel_gradients(tiny):
 def test_mend_classifier_editor_is_pure_and_edits_only_its_targets(tiny):
   from keditjax.editors import mend_classifier as mc
   cfg = tiny.config
-  nets = mc._init_nets(cfg, 4, 1e-2, jax.random.key(0))  # pylint: disable=protected-access
+  nets = mc.init_nets(cfg, 4, 1e-2, jax.random.key(0))
   pool = {"x": tiny.hidden(tiny.params, CLAIMS, 1)[fc.hidden_key(1)],
           "x_mask": tiny.hidden(tiny.params, CLAIMS, 1)["mask"],
           "new": np.ones(len(CLAIMS), np.int32)}
-  norms = mc._norms(cfg, jax.tree.map(jnp.asarray, tiny.params), pool, 8)  # pylint: disable=protected-access
+  norms = mc.norm_stats(cfg, jax.tree.map(jnp.asarray, tiny.params), pool, 8)
   editor = editors.get("mend_classifier")
   with pytest.raises(errors.ConfigError, match="trained"):
     editor.init(tiny)

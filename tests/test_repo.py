@@ -67,3 +67,57 @@ def test_train_hypernet_notebook_runs_top_to_bottom():
   images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
             if "image/png" in o.get("data", {})]
   assert images, "the training-curve cell drew nothing"
+
+
+# Each package of keditjax may import only the packages listed for it (its
+# lower layers): the editors hold the math, the evaluation binds it to data.
+LAYERS = {
+    "errors": set(),
+    "kernels": {"errors"},
+    "models": {"errors"},
+    "sharding": {"errors", "models"},
+    "stats": {"errors", "kernels", "models", "sharding"},
+    "training": {"errors", "sharding"},
+    "analysis": {"errors", "models"},
+    "editors": {"errors", "kernels", "models", "sharding", "stats",
+                "training"},
+    "evaluation": {"editors", "errors", "kernels", "models", "sharding",
+                   "stats", "training"},
+}
+
+
+def _keditjax_imports(path):
+  import ast  # pylint: disable=import-outside-toplevel
+  for node in ast.walk(ast.parse(open(path).read())):  # lazy imports too
+    if isinstance(node, ast.ImportFrom) and node.module and (
+        node.module.split(".")[0] == "keditjax"):
+      parts = node.module.split(".")
+      yield from ([a.name for a in node.names] if len(parts) == 1
+                  else [parts[1]])
+    elif isinstance(node, ast.Import):
+      yield from (a.name.split(".")[1] for a in node.names
+                  if a.name.startswith("keditjax."))
+
+
+def test_packages_import_only_their_lower_layers():
+  bad = []
+  package_dir = os.path.join(ROOT, "keditjax")
+  for root, _, files in os.walk(package_dir):
+    for name in files:
+      if not name.endswith(".py") or root == package_dir:
+        continue
+      path = os.path.join(root, name)
+      layer = os.path.relpath(path, package_dir).split(os.sep)[0]
+      layer = layer[:-3] if layer.endswith(".py") else layer
+      assert layer in LAYERS, f"{layer}: add it to LAYERS"
+      bad += [f"{os.path.relpath(path, ROOT)} imports keditjax.{used}"
+              for used in _keditjax_imports(path)
+              if used != layer and used not in LAYERS[layer]]
+  for name in os.listdir(package_dir):  # top-level modules
+    if name.endswith(".py") and name != "__init__.py":
+      layer = name[:-3]
+      assert layer in LAYERS, f"{layer}: add it to LAYERS"
+      bad += [f"keditjax/{name} imports keditjax.{used}"
+              for used in _keditjax_imports(os.path.join(package_dir, name))
+              if used != layer and used not in LAYERS[layer]]
+  assert not bad, bad

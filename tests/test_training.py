@@ -293,6 +293,16 @@ def test_unknown_config_fields_are_refused(tmp_path):
   c.mend.rnak = 3
   with pytest.raises(errors.UnsupportedConfigError, match="rnak"):
     hypernet.check(c)
+  for method in ("knowledge_editor", "mend_classifier", "enn"):
+    c = hypernet.defaults(method)
+    hypernet.check(c)  # the defaults themselves pass
+    c.batch_sise = 3
+    with pytest.raises(errors.UnsupportedConfigError, match="batch_sise"):
+      hypernet.check(c)
+  c = hypernet.defaults("knowledge_editor")
+  c.editor.hiden = 64
+  with pytest.raises(errors.UnsupportedConfigError, match="hiden"):
+    hypernet.check(c)
   with pytest.raises(errors.ConfigError, match="optimizer"):
     training.train(_toy(), _config(optimizer="adagrad"), batch_fn=_batch)
   # A config file with an unknown field, through the launcher.

@@ -4,11 +4,12 @@
       --config=experiments/configs/mend_classifier_minilm_fever.py --workdir=runs/mend_fever
 
 Same fact checker, edits, rewrites and other claims as the KnowledgeEditor
-config; the editor networks are MEND's (keditjax/editors/mend_classifier.py).
+config; the editor networks are MEND's (keditjax/editors/mend_classifier.py,
+recipe in keditjax/evaluation/fever_training.py).
 """
 
-from keditjax.editors import mend_classifier
+from keditjax.evaluation import fever_training
 
 
 def get_config():
-  return mend_classifier.default_config()
+  return fever_training.mend_classifier_config()

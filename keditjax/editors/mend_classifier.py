@@ -12,6 +12,7 @@ Each has its own network (their shapes differ). Training uses the
 KnowledgeEditor's batches (the same edits, rewrites and other claims) and
 MEND's loss: `c_edit · CE(new verdict | claim and rewrites) + c_loc ·
 KL(p_θ(o) ‖ p_θ'(o))`, each edit applied alone (vmapped), as evaluated.
+The data recipe is `evaluation.fever_training.build_mend_classifier`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
@@ -33,48 +33,19 @@ from keditjax.models import fact_checker as fc
 from keditjax.models import sites as sites_lib
 
 
-def default_config() -> ml_collections.ConfigDict:
-  """Every field of a `mend_classifier` config."""
-  from keditjax import training  # pylint: disable=import-outside-toplevel
-  c = ml_collections.ConfigDict()
-  c.method = "mend_classifier"
-  c.fever_path = "/work/shared/data/fever/fever1.0_paper_dev.jsonl"
-  c.split_seed = 0
-  c.classifier = ml_collections.ConfigDict(dict(
-      epochs=2, batch_size=32, lr=5e-5, head_lr=1e-3, seed=0,
-      trainable_from=4, max_length=64))
-  c.mend = ml_collections.ConfigDict(dict(rank=64, init_lr=1e-3))
-  c.edit_weight = 1.0
-  c.loc_weight = 10.0
-  c.pool = 2000
-  c.valid_pool = 256
-  c.edits_per_step = 8
-  c.others_per_step = 16
-  c.max_rewrites = 2
-  c.valid_batches = 4
-  c.norm_examples = 64
-  c.train = training.default_config()
-  c.train.steps = 600
-  c.train.learning_rate = 1e-3
-  c.train.eval_every = 100
-  c.train.log_every = 25
-  c.train.checkpoint_every = 100
-  c.train.early_stop_metric = "score"
-  return c
-
-
-def _block(config) -> int:
+def edited_block(config) -> int:
+  """The encoder block whose FFN output projection is edited (the last)."""
   return config.encoder.num_layers - 1
 
 
 def targets(config) -> tuple:
-  return (("encoder", f"layer_{_block(config)}", "output", "kernel"),
+  return (("encoder", f"layer_{edited_block(config)}", "output", "kernel"),
           ("head", "kernel"))
 
 
 def _factors(config, params, hidden, mask, labels):
   """`[(x, δ, mask)]` for the FFN output and the head, CE summed over rows."""
-  enc, block = config.encoder, _block(config)
+  enc, block = config.encoder, edited_block(config)
   b, length, _ = hidden.shape
   value, key = f"layer/{block}/mlp/value", f"layer/{block}/mlp/key"
   attn = fc._attention(mask)  # pylint: disable=protected-access
@@ -116,9 +87,9 @@ def _edited(config, params, ds):
 def make_loss(config, start: int, edit_weight: float, loc_weight: float):
   """`(nets, frozen, batch, rng) -> (loss, metrics)` on KnowledgeEditor batches."""
   key = fc.hidden_key(start)
-  if start != _block(config):
+  if start != edited_block(config):
     raise errors.ConfigError("mend_classifier batches must start at the "
-                             f"last block ({_block(config)}); got {start}.")
+                             f"last block ({edited_block(config)}); got {start}.")
 
   def per_edit(nets, frozen, x, x_mask, new, eq, eq_mask, eq_weight, o_batch,
                logp0):
@@ -142,7 +113,8 @@ def make_loss(config, start: int, edit_weight: float, loc_weight: float):
   return loss
 
 
-def _init_nets(config, rank, init_lr, rng):
+def init_nets(config, rank, init_lr, rng):
+  """The two editor networks (FFN output projection, head), untrained."""
   enc = config.encoder
   shapes = ((enc.intermediate_size, enc.hidden_size),
             (enc.hidden_size, 2))
@@ -151,7 +123,9 @@ def _init_nets(config, rank, init_lr, rng):
                         init_lr=init_lr) for k, (i, o) in zip(keys, shapes)]
 
 
-def _norms(config, params, pool, count):
+def norm_stats(config, params, pool, count):
+  """Per-network mean/std of `[x; δ]` over the first `count` edits of
+  `pool` (an `edit_pool` dict), which the networks' inputs are scaled by."""
   fs = jax.jit(functools.partial(_factors, config))(
       params, pool["x"][:count], pool["x_mask"][:count], pool["new"][:count])
   out = []
@@ -163,48 +137,6 @@ def _norms(config, params, pool, count):
                 "std": np.maximum(std, 1e-3 * std.mean() + 1e-12)[None].astype(
                     np.float32)})
   return out
-
-
-def build_training(config, checker=None, splits=None):
-  """`(objective, batch_fn, valid_batches)`: MEND on the fact checker."""
-  from keditjax import training  # pylint: disable=import-outside-toplevel
-  from keditjax.evaluation import fever  # pylint: disable=import-outside-toplevel
-  if splits is None:
-    splits = fever.split(fever.load(config.fever_path), seed=config.split_seed)
-  if checker is None:
-    checker = ke.load_checker(config, splits)
-  params, cfg = checker.params, checker.config
-  start = _block(cfg)
-  pools = {name: ke.edit_pool(checker, params, claims, start=start,
-                              rules=fever.TRAIN_RULES,
-                              max_rewrites=config.max_rewrites,
-                              seed=config.split_seed)
-           for name, claims in (("train", splits["train"][:config.pool]),
-                                ("dev", splits["dev"][:config.valid_pool]))}
-  norms = _norms(cfg, params, pools["train"], config.norm_examples)
-  upper = {"encoder": {f"layer_{start}": params["encoder"][f"layer_{start}"]},
-           "head": params["head"]}
-  e, k, seed = config.edits_per_step, config.others_per_step, config.train.seed
-
-  def draw(pool, rng):
-    n = len(pool["x"])
-    return ke.pool_batch(pool, rng.choice(n, e, replace=n < e),
-                         rng.choice(n, k, replace=n < k))
-
-  objective = training.Objective(
-      name="mend_classifier/fever",
-      init=functools.partial(_init_nets, cfg, config.mend.rank,
-                             config.mend.init_lr),
-      loss=make_loss(cfg, start, config.edit_weight, config.loc_weight),
-      frozen={"params": jax.tree.map(jnp.asarray, upper),
-              "norm": jax.tree.map(jnp.asarray, norms)},
-      fingerprint=fc.params_digest(upper) + f"/{config.split_seed}/"
-                  f"{config.pool}/{config.mend.rank}")
-  valid = [draw(pools["dev"], np.random.default_rng((seed, 1 << 30, i)))
-           for i in range(config.valid_batches)]
-  return (objective,
-          lambda step: draw(pools["train"], np.random.default_rng((seed, step))),
-          valid)
 
 
 @dataclasses.dataclass
@@ -234,15 +166,15 @@ def mend_classifier(hparams: MendClassifierHParams = MendClassifierHParams()
     del params, unused
     if trained is None:
       raise errors.ConfigError(
-          "mend_classifier needs trained=(nets, norms) from build_training "
-          "and the trainer.")
+          "mend_classifier needs trained=(nets, norms) from the trainer "
+          "(evaluation.fever_training.build_mend_classifier).")
     nets, norms = trained
     return MendClassifierState(model, jax.tree.map(jnp.asarray, nets),
                                jax.tree.map(jnp.asarray, norms))
 
   @functools.partial(jax.jit, static_argnums=0)
   def _edit(config, nets, norms, params, tokens, mask, labels, weights):
-    start = _block(config)
+    start = edited_block(config)
     hidden = fc.lower_hidden(config.encoder, params["encoder"], tokens, mask,
                              start)
     fs = _factors(config, params, hidden, mask, labels)
@@ -267,5 +199,5 @@ def mend_classifier(hparams: MendClassifierHParams = MendClassifierHParams()
   return base.Editor("mend_classifier", hp, init, apply)
 
 
-__all__ = ["MendClassifierHParams", "build_training", "default_config",
-           "make_loss", "mend_classifier", "targets"]
+__all__ = ["MendClassifierHParams", "edited_block", "init_nets", "make_loss",
+           "mend_classifier", "norm_stats", "targets"]

@@ -2,7 +2,7 @@
 
   results = enn_eval.compare(enn_cnn_mnist.get_config())
 
-Meta-trains the CNN with `editors.enn.build_training` (cached under the
+Meta-trains the CNN with `enn_training.build` (cached under the
 vision cache, keyed by the objective's fingerprint and the trainer config),
 then runs `vision.run_vision` on the same cases for
 
@@ -26,7 +26,7 @@ import numpy as np
 
 from keditjax import editors, errors, training
 from keditjax.editors import enn
-from keditjax.evaluation import vision
+from keditjax.evaluation import enn_training, vision
 
 # Trainer fields that do not change the trained weights.
 _NOT_IN_KEY = ("progress", "tensorboard", "log_every", "checkpoint_every",
@@ -37,7 +37,7 @@ PAIRS = (("ft", "ordinary"), ("enn", "ordinary"), ("ft", "enn"),
 
 def meta_train(config, workdir: str | None = None):
   """Meta-trains the CNN; returns (params, history, best_step, seconds)."""
-  objective, batch_fn, valid = enn.build_training(config)
+  objective, batch_fn, valid = enn_training.build(config)
   start = time.perf_counter()
   result = training.train(objective, config.train, batch_fn=batch_fn,
                           valid_batches=valid, workdir=workdir)
@@ -53,13 +53,13 @@ def load_or_meta_train(config, workdir: str | None = None):
     from_cache, train_seconds, best_step, history}.
   """
   from keditjax.models import cnn
-  objective, _, _ = enn.build_training(config)
+  objective, _, _ = enn_training.build(config)
   train = {k: v for k, v in config.train.to_dict().items()
            if k not in _NOT_IN_KEY}
   key = hashlib.sha256(json.dumps(
       {"objective": objective.fingerprint, "train": train},
       sort_keys=True, default=str).encode()).hexdigest()[:16]
-  _, base_classifier, _ = enn.load_base(config)
+  _, base_classifier, _ = enn_training.load_base(config)
   root = config.get("cache_dir") or cnn.default_cache_dir()
   path = os.path.join(root, f"enn-{key}.msgpack")
   if os.path.exists(path):

@@ -2,8 +2,9 @@
 
 `build(config)` turns a `train_hypernet` config into what the generic
 trainer needs: `Recipe(objective, batch_fn, valid_batches, finish)`.
-`config.method` picks the recipe; "mend" lives here, the others in their
-editor modules (`build_training(config)`).
+`config.method` picks the recipe; "mend" lives here, the others in
+`fever_training` (knowledge_editor, mend_classifier) and `enn_training`
+(enn). The editors hold the math; the recipes bind it to data.
 
 MEND data: `config.data` is "synthetic" (an invented world, for tests and
 the notebook) or a "+"-joined list of edit datasets from ../shared/data,
@@ -31,10 +32,18 @@ from keditjax import errors, sharding, training
 from keditjax.editors import fisher, hypernet_data, mend
 from keditjax.evaluation import cases as cases_lib
 
-# method -> module providing build_training(config) (and default_config())
-EXTERNAL = {"knowledge_editor": "keditjax.editors.knowledge_editor",
-            "enn": "keditjax.editors.enn",
-            "mend_classifier": "keditjax.editors.mend_classifier"}
+# method -> (module, its default-config function, its recipe function)
+EXTERNAL = {
+    "knowledge_editor": ("keditjax.evaluation.fever_training",
+                         "knowledge_editor_config", "build_knowledge_editor"),
+    "mend_classifier": ("keditjax.evaluation.fever_training",
+                        "mend_classifier_config", "build_mend_classifier"),
+    "enn": ("keditjax.evaluation.enn_training", "default_config", "build")}
+
+
+def _external(method: str, which: int):
+  module, *names = EXTERNAL[method]
+  return getattr(importlib.import_module(module), names[which])
 
 
 @dataclasses.dataclass
@@ -72,10 +81,7 @@ def defaults(method: str) -> ml_collections.ConfigDict:
   if method == "mend":
     return mend_config()
   if method in EXTERNAL:
-    module = importlib.import_module(EXTERNAL[method])
-    if hasattr(module, "default_config"):
-      return module.default_config()
-    return None
+    return _external(method, 0)()
   raise errors.ConfigError(
       f"config.method={method!r}; available: {['mend', *EXTERNAL]}.")
 
@@ -84,12 +90,7 @@ def check(config) -> None:
   """Refuses unknown fields anywhere in `config` (before any work)."""
   if "method" not in config:
     raise errors.ConfigError("the config has no `method` field.")
-  want = defaults(config.method)
-  if want is not None:
-    training.check_config(config, want, "config")
-  else:
-    training.check_config(config.train, training.default_config(),
-                          "config.train")
+  training.check_config(config, defaults(config.method), "config")
 
 
 def load_model(spec: str):
@@ -259,11 +260,7 @@ def build(config) -> Recipe:
   check(config)
   if config.method == "mend":
     return build_mend(config)
-  module = importlib.import_module(EXTERNAL[config.method])
-  built = module.build_training(config)
-  if isinstance(built, Recipe):
-    return built
-  return Recipe(*built)
+  return Recipe(*_external(config.method, 1)(config))
 
 
 __all__ = ["Recipe", "build", "build_mend", "check", "defaults",
