@@ -26,31 +26,37 @@ def _rows(model):
   return hypernet_data.rows(model, pairs)
 
 
-def test_factors_are_the_kernel_gradient(model):
-  """Σ_t x_t δ_tᵀ equals jax.grad of the target NLL w.r.t. down_proj."""
-  layers = (1, 3)
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_factors_are_the_kernel_gradient(model, arch):
+  """Σ_t x_t δ_tᵀ equals jax.grad of the target NLL w.r.t. the MLP output
+  kernel (Llama down_proj, GPT-2 c_proj)."""
+  if arch != "llama":
+    model = tiny.tiny_lm(arch=arch, embed_std=0.25)
+  config, layers = model.config, (1, 3)
   rows = _rows(model)
-  fs = mend.factors(model.config, model.params, rows, layers, 0)
+  fs = mend.factors(config, model.params, rows, layers, 0)
+  paths = [mend.kernel_path(config, l) for l in layers]
+  assert paths[0][-2] == {"llama": "down_proj", "gpt2": "c_proj"}[arch]
 
   def nll(kernels):
     params = model.params
-    for l, k in zip(layers, kernels):
-      params = mend.edited(params, (l,), [k - params[f"layers_{l}"]["mlp"][
-          "down_proj"]["kernel"]])
-    logits, _ = mend.run_rows(model.config, params, rows, 0)
+    for l, p, k in zip(layers, paths, kernels):
+      params = mend.edited(config, params, (l,),
+                           [k - editors.base.get_leaf(params, p)])
+    logits, _ = mend.run_rows(config, params, rows, 0)
     return mend.target_nll(logits, rows)[0].sum()
 
-  kernels = [model.params[f"layers_{l}"]["mlp"]["down_proj"]["kernel"]
-             for l in layers]
+  kernels = [editors.base.get_leaf(model.params, p) for p in paths]
   grads = jax.grad(nll)(kernels)
   for (x, d, m), g in zip(fs, grads):
     outer = np.einsum("blf,bld->fd", np.asarray(x) * np.asarray(m)[..., None],
                       np.asarray(d))
+    assert np.abs(outer).max() > 1e-6  # not trivially zero
     np.testing.assert_allclose(outer, np.asarray(g), rtol=2e-4, atol=1e-6)
   # Starting from the cached prefix gives the same factors.
   rows_h = dict(rows, hidden=hypernet_data.prefix_hidden(
       model, model.params, rows, 1, progress=False))
-  fs_h = mend.factors(model.config, model.params, rows_h, layers, 1)
+  fs_h = mend.factors(config, model.params, rows_h, layers, 1)
   for a, b in zip(fs, fs_h):
     np.testing.assert_allclose(np.asarray(b[1]), np.asarray(a[1]), rtol=1e-4,
                                atol=1e-7)
@@ -191,3 +197,35 @@ def test_single_and_joint_objectives(model):
           for i in range(3)]
   np.testing.assert_allclose(loss(False, batch)[0], np.mean(each), rtol=1e-5)
   assert not np.isclose(loss(True, batch)[0], np.mean(each), rtol=1e-3)
+
+
+def test_gpt2_mend_trains_and_edits_c_proj(tmp_path):
+  """The same recipe on a GPT-2 (MLP output `c_proj`): training lowers the
+  validation loss, the editor moves only the c_proj kernels, and a network
+  trained for GPT-2 is refused by a Llama of the same shape."""
+  c = mend_tiny_synthetic.get_config()
+  c.model = "tiny-gpt2"
+  c.train.steps, c.train.eval_every, c.train.progress = 60, 30, False
+  recipe = hypernet.build(c)
+  result = training.train(recipe.objective, c.train, batch_fn=recipe.batch_fn,
+                          valid_batches=recipe.valid_batches,
+                          workdir=str(tmp_path))
+  recipe.finish(result, str(tmp_path))
+  loss = jax.jit(recipe.objective.loss)
+  untrained = np.mean([loss(recipe.objective.init(jax.random.key(0)),
+                            recipe.objective.frozen, b, None)[0]
+                       for b in recipe.valid_batches])
+  valid = [r["loss"] for r in result.history if r["split"] == "valid"]
+  assert min(valid) < 0.9 * untrained
+  model = hypernet.load_model("tiny-gpt2")
+  editor = editors.get("mend", checkpoint=str(tmp_path))
+  state = editor.init(model)
+  request = {"prompt": "{} lives in", "subject": "Kalomi", "target_new": "Oslo"}
+  new_params, _, info = editor.apply(model.params, [request], state)
+  assert sorted(info.changed) == ["h_2/mlp/c_proj/kernel",
+                                  "h_3/mlp/c_proj/kernel"]
+  p_old = model.score(model.params, ["Kalomi lives in"], [" Oslo"])
+  p_new = model.score(new_params, ["Kalomi lives in"], [" Oslo"])
+  assert p_new[0] > p_old[0]
+  with pytest.raises(errors.CheckpointError, match="arch"):
+    editor.init(hypernet.load_model("tiny"))

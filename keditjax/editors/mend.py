@@ -6,8 +6,9 @@ rank-one terms, `∇W = Σ_t x_t δ_tᵀ`, with `x_t` the layer's input and
 a small network `g` that maps each pair to `(x̃_t, δ̃_t) = g_ℓ([x_t; δ_t])`
 and edits with `W' = W − α_ℓ Σ_t x̃_t δ̃_tᵀ` (Eq. 3-4). Here
 
-  - the edited layers are the MLP output projections (`down_proj`) of
-    `layers`, whose input and output are the named sites `layer/ℓ/mlp/key`
+  - the edited layers are the MLP output projections of `layers` (Llama
+    `down_proj`, GPT-2 `c_proj`, GPT-J `fc_out`: the leaf that writes the
+    site `layer/ℓ/mlp/value`, `models.registry.site_param_path`), whose input and output are the named sites `layer/ℓ/mlp/key`
     and `layer/ℓ/mlp/value`, so `x_t` is a capture and `δ_t` the gradient
     of an additive zero patch (no hooks);
   - `g` is one low-rank residual MLP shared by all layers,
@@ -39,7 +40,7 @@ import numpy as np
 
 from keditjax import errors
 from keditjax.editors import base
-from keditjax.models import lm
+from keditjax.models import lm, registry
 from keditjax.models import sites as sites_lib
 
 
@@ -50,7 +51,8 @@ class MendHParams:
   Attributes:
     checkpoint: a `train_hypernet` workdir holding `editor/` (the trained
       network); `init` also takes the network directly.
-    layers: edited blocks (their `down_proj`); None: the last three.
+    layers: edited blocks (their MLP output projection); None: the last
+      three.
     rank: the hidden width of `g`.
     init_lr: the initial per-layer step `α_ℓ`.
   """
@@ -64,15 +66,19 @@ def default_layers(num_layers: int) -> tuple:
   return tuple(range(max(0, num_layers - 3), num_layers))
 
 
-def kernel_path(layer: int) -> tuple:
-  return (f"layers_{layer}", "mlp", "down_proj", "kernel")
+DECODERS = ("llama", "gpt2", "gptj")
+
+
+def kernel_path(config, layer: int) -> tuple:
+  """The MLP output projection kernel of block `layer` (`[F, D]`)."""
+  return registry.site_param_path(config, f"layer/{layer}/mlp/value")
 
 
 def check_hparams(hp: MendHParams, config) -> tuple:
   """The validated edit layers (ConfigError before any work)."""
-  if config.arch not in ("llama",):
+  if config.arch not in DECODERS:
     raise errors.UnsupportedArchitectureError(
-        f"MEND here edits Llama-family down_proj layers; got {config.arch}.")
+        f"MEND edits decoder LMs ({', '.join(DECODERS)}); got {config.arch}.")
   if hp.rank < 1 or not hp.init_lr > 0:
     raise errors.ConfigError(
         f"MEND rank={hp.rank} must be >= 1 and init_lr={hp.init_lr} > 0.")
@@ -117,11 +123,11 @@ def deltas(net, norm, factors) -> list:
   return out
 
 
-def edited(params, layers, deltas_list):
-  """`params` with each layer's `down_proj` kernel moved by its delta."""
+def edited(config, params, layers, deltas_list):
+  """`params` with each layer's MLP output kernel moved by its delta."""
   updates = {}
   for layer, delta in zip(layers, deltas_list):
-    path = kernel_path(layer)
+    path = kernel_path(config, layer)
     kernel = base.get_leaf(params, path)
     updates[path] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
   return base.replace_leaves(params, updates)
@@ -174,7 +180,7 @@ def factors(config, params, rows, layers, start_layer: int):
 def _outcome(net, params, norm, edit, para, loc, *, config, layers,
              start_layer):
   """Per-row NLLs, hits and locality KL after editing with `edit`'s rows."""
-  new_params = edited(params, layers, deltas(
+  new_params = edited(config, params, layers, deltas(
       net, norm, factors(config, params, edit, layers, start_layer)))
   edit_nll, edit_ok = target_nll(
       run_rows(config, new_params, edit, start_layer)[0], edit)
@@ -256,7 +262,8 @@ def load(directory: str, config) -> tuple[dict, dict, dict]:
     raise errors.CheckpointError(
         f"no readable MEND editor in {directory} ({e}); train one with "
         "`python -m experiments.train_hypernet --config=...mend...`.") from e
-  want = {"hidden_size": config.hidden_size,
+  meta.setdefault("arch", "llama")  # editors exported before GPT-2/GPT-J
+  want = {"arch": config.arch, "hidden_size": config.hidden_size,
           "intermediate_size": config.intermediate_size,
           "num_layers": config.num_layers}
   for key, value in want.items():
@@ -321,7 +328,7 @@ def mend(hparams: MendHParams = MendHParams()) -> base.Editor:
   @functools.partial(jax.jit, static_argnames=("config", "layers"))
   def _edit(net, norm, params, rows, *, config, layers):
     ds = deltas(net, norm, factors(config, params, rows, layers, 0))
-    return edited(params, layers, ds)
+    return edited(config, params, layers, ds)
 
   def apply(params, requests, state):
     timer = base.Timer()
@@ -332,8 +339,8 @@ def mend(hparams: MendHParams = MendHParams()) -> base.Editor:
       new_params = _edit(state.net, state.norm, params, rows,
                          config=model.config, layers=state.layers)
       jax.block_until_ready(new_params)
-    paths = {kernel_path(l): base.get_leaf(new_params, kernel_path(l))
-             for l in state.layers}
+    paths = {kernel_path(model.config, l): base.get_leaf(
+        new_params, kernel_path(model.config, l)) for l in state.layers}
     info = base.EditInfo(changed=base.describe_changes(params, paths),
                          seconds=timer.seconds,
                          extras={"layers": list(state.layers)})
@@ -342,6 +349,7 @@ def mend(hparams: MendHParams = MendHParams()) -> base.Editor:
   return base.Editor("mend", hp, init, apply)
 
 
-__all__ = ["MendHParams", "MendState", "deltas", "edited", "export",
+__all__ = ["DECODERS", "MendHParams", "MendState", "deltas", "edited",
+           "export", "kernel_path",
            "factors", "init_net", "load", "mend", "objective_loss",
            "target_nll", "transform"]

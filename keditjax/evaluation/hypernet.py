@@ -58,7 +58,7 @@ def mend_config() -> ml_collections.ConfigDict:
   """Every field of a MEND config, with the defaults."""
   c = ml_collections.ConfigDict()
   c.method = "mend"
-  c.model = "smollm2-135m"  # a keditjax.models.load spec, or "tiny"
+  c.model = "smollm2-135m"  # a keditjax.models.load spec, "tiny", "tiny-gpt2"
   c.data = "zsre+counterfact"
   c.num_train = 2000
   c.num_valid = 64
@@ -94,9 +94,11 @@ def check(config) -> None:
 
 
 def load_model(spec: str):
-  if spec == "tiny":
+  """`models.load(spec)`; "tiny" / "tiny-gpt2": a random tiny Llama / GPT-2."""
+  if spec in ("tiny", "tiny-gpt2"):
     from keditjax.models import tiny  # pylint: disable=import-outside-toplevel
-    return tiny.tiny_lm(embed_std=0.25)
+    return tiny.tiny_lm(arch="gpt2" if spec == "tiny-gpt2" else "llama",
+                        embed_std=0.25)
   from keditjax import models  # pylint: disable=import-outside-toplevel
   return models.load(spec)
 
@@ -187,7 +189,7 @@ def build_mend(c) -> Recipe:
   weights = fisher.digest(model.params)
   data_key = fisher.digest(repr((triples, c.length, c.targets)))
   cache = None
-  if c.model != "tiny":
+  if not c.model.startswith("tiny"):
     cache = os.path.join(fisher.cache_dir(), "..", "hypernet",
                          f"{weights[:16]}-{data_key[:16]}-L{start}")
   sets = _row_sets(model, triples, c, start, cache)
@@ -241,7 +243,8 @@ def build_mend(c) -> Recipe:
                    for s in range(0, n_valid, b)]
 
   def finish(result, workdir: str) -> dict:
-    meta = {"method": "mend", "model": c.model, "layers": list(layers),
+    meta = {"method": "mend", "model": c.model, "arch": cfg.arch,
+            "layers": list(layers),
             "rank": c.mend.rank, "hidden_size": cfg.hidden_size,
             "intermediate_size": cfg.intermediate_size,
             "num_layers": cfg.num_layers, "fingerprint": fingerprint,

@@ -48,8 +48,9 @@ def tiny_lm(num_layers: int = 4, seed: int = 0, arch: str = "llama",
   module = registry.get_arch(arch).module(config)
   params = module.init(jax.random.key(seed),
                        jnp.zeros((1, 8), jnp.int32))["params"]
-  if embed_std is not None:
-    table = params["embed_tokens"]["embedding"]
-    params = dict(params, embed_tokens={
-        "embedding": table * (embed_std / jnp.std(table))})
+  if embed_std is not None:  # the (tied) token embedding table, rescaled
+    outer, inner = registry.get_arch(arch).site_params["embed"]
+    table = params[outer][inner]
+    params = dict(params, **{outer: dict(
+        params[outer], **{inner: table * (embed_std / jnp.std(table))})})
   return LanguageModel(config, params, byte_tokenizer(), name="tiny")
