@@ -106,21 +106,29 @@ def test_untrained_mend_is_one_normalised_gradient_step(model):
                              atol=1e-7)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("mend_tiny")
+def _train_tiny(workdir, model: str, steps: int, eval_every: int):
+  """(result, the untrained network's validation loss): tiny MEND trained
+  into `workdir` and exported."""
   c = mend_tiny_synthetic.get_config()
-  c.train.steps, c.train.eval_every, c.train.progress = 120, 40, False
+  c.model = model
+  c.train.steps, c.train.eval_every, c.train.progress = steps, eval_every, False
   recipe = hypernet.build(c)
   result = training.train(recipe.objective, c.train, batch_fn=recipe.batch_fn,
                           valid_batches=recipe.valid_batches,
                           workdir=str(workdir))
   recipe.finish(result, str(workdir))
   loss = jax.jit(recipe.objective.loss)
-  frozen = recipe.objective.frozen
-  untrained = np.mean([loss(recipe.objective.init(jax.random.key(0)), frozen,
-                            b, None)[0] for b in recipe.valid_batches])
-  return workdir, result, float(untrained)
+  untrained = np.mean([loss(recipe.objective.init(jax.random.key(0)),
+                            recipe.objective.frozen, b, None)[0]
+                       for b in recipe.valid_batches])
+  return result, float(untrained)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("mend_tiny")
+  result, untrained = _train_tiny(workdir, "tiny", 120, 40)
+  return workdir, result, untrained
 
 
 def test_training_lowers_the_validation_loss(trained):
@@ -203,18 +211,7 @@ def test_gpt2_mend_trains_and_edits_c_proj(tmp_path):
   """The same recipe on a GPT-2 (MLP output `c_proj`): training lowers the
   validation loss, the editor moves only the c_proj kernels, and a network
   trained for GPT-2 is refused by a Llama of the same shape."""
-  c = mend_tiny_synthetic.get_config()
-  c.model = "tiny-gpt2"
-  c.train.steps, c.train.eval_every, c.train.progress = 60, 30, False
-  recipe = hypernet.build(c)
-  result = training.train(recipe.objective, c.train, batch_fn=recipe.batch_fn,
-                          valid_batches=recipe.valid_batches,
-                          workdir=str(tmp_path))
-  recipe.finish(result, str(tmp_path))
-  loss = jax.jit(recipe.objective.loss)
-  untrained = np.mean([loss(recipe.objective.init(jax.random.key(0)),
-                            recipe.objective.frozen, b, None)[0]
-                       for b in recipe.valid_batches])
+  result, untrained = _train_tiny(tmp_path, "tiny-gpt2", 60, 30)
   valid = [r["loss"] for r in result.history if r["split"] == "valid"]
   assert min(valid) < 0.9 * untrained
   model = hypernet.load_model("tiny-gpt2")
