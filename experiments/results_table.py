@@ -5,7 +5,8 @@ r"""Collects `experiments.evaluate` runs into docs/RESULTS.md rows.
 
 Prints one markdown table per dataset (CounterFact, zsRE) with the headline
 metrics, the wall time and the reproducing command. With --store, copies each
-results.json (without the per-case rows) to STORE/<run name>.json.
+results.json (without the per-case rows) to STORE/<run name>.json. With
+--plot=PNG, draws one metric against another (--axes=X,Y), a point per run.
 """
 
 import json
@@ -13,8 +14,12 @@ import os
 
 from absl import app, flags
 
+from keditjax.evaluation import report
+
 flags.DEFINE_list("runs", [], "Run directories (each with results.json).")
 flags.DEFINE_string("store", None, "Copy compact results here.")
+flags.DEFINE_string("plot", None, "Write a scatter of --axes here (PNG).")
+flags.DEFINE_list("axes", ["locality_acc", "efficacy_score"], "X,Y metrics.")
 FLAGS = flags.FLAGS
 
 COLUMNS = {
@@ -72,6 +77,9 @@ def main(argv):
     print("|" + "---|" * (len(columns) + 5))
     for name, results in runs:
       print(row(name, results, columns))
+  if FLAGS.plot:
+    report.scatter([r for runs in tables.values() for r in runs], FLAGS.plot,
+                   *FLAGS.axes)
 
 
 if __name__ == "__main__":

@@ -353,6 +353,16 @@ def test_protocols_run_rome_and_memit(model, method, tmp_path):
   assert open(paths["plot"], "rb").read(4) == b"\x89PNG"
 
 
+def test_scatter_draws_runs_with_both_metrics(tmp_path):
+  runs = [("a", {"metrics": {"locality_acc": 90.0, "efficacy_score": 80.0}}),
+          ("b", {"metrics": {"locality_acc": 70.0, "efficacy_score": None}}),
+          ("c", {"metrics": {"locality_acc": 60.0, "efficacy_score": 99.0}})]
+  path = str(tmp_path / "s.png")
+  assert report.scatter(runs, path, "locality_acc", "efficacy_score") == [
+      "a", "c"]
+  assert open(path, "rb").read(4) == b"\x89PNG"
+
+
 def test_protocol_errors_before_work(model):
   calls = []
   editor = base.Editor("spy", None, lambda m, **k: calls.append("init"),

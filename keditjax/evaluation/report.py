@@ -115,6 +115,31 @@ def plot(results: dict, path: str) -> str | None:
   return path
 
 
+def scatter(runs, path: str, x: str, y: str) -> list[str]:
+  """PNG: metric `y` against metric `x`, one labelled point per `(name,
+  results)` of `runs`. Returns the names drawn (runs without both metrics
+  are left out)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  labels = dict(COLUMNS)
+  fig, ax = plt.subplots(figsize=(5.5, 4))
+  drawn = []
+  for name, results in runs:
+    m = results["metrics"]
+    if m.get(x) is not None and m.get(y) is not None:
+      drawn.append(name)
+      ax.scatter(m[x], m[y])
+      ax.annotate(name, (m[x], m[y]), fontsize=7, xytext=(3, 3),
+                  textcoords="offset points")
+  ax.set(xlabel=labels.get(x, x), ylabel=labels.get(y, y))
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return drawn
+
+
 def write(results: dict, output_dir: str, title: str = "") -> dict:
   """Writes results.json, summary.md and metrics.png into `output_dir`."""
   os.makedirs(output_dir, exist_ok=True)
