@@ -226,3 +226,42 @@ def test_gpt2_mend_trains_and_edits_c_proj(tmp_path):
   assert p_new[0] > p_old[0]
   with pytest.raises(errors.CheckpointError, match="arch"):
     editor.init(hypernet.load_model("tiny"))
+
+
+def test_with_locality_cycles_or_truncates_the_locality_pairs():
+  e, p = ("a", "x"), ("b", "x")
+  l1, l2, l3 = ("c", "y"), ("d", "z"), ("f", "w")
+  got = hypernet_data.with_locality([(e, p, l1), (e, p, l1, l2, l3)], 2)
+  assert got == [(e, p, l1, l1), (e, p, l1, l2)]
+  with pytest.raises(errors.ConfigError, match="loc_per_edit"):
+    hypernet_data.with_locality([(e, p, l1)], 0)
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_several_locality_rows_per_edit_average_their_kl(model, joint):
+  """loc rows `[B, k, ...]`: the KL is the mean of the k one-row KLs."""
+  import functools
+  layers = (2, 3)
+  triples = hypernet_data.synthetic_triples(6, seed=2)
+  edit = hypernet_data.rows(model, [t[0] for t in triples[:3]], length=48,
+                            targets=12)
+  para = hypernet_data.rows(model, [t[1] for t in triples[:3]], length=48,
+                            targets=12)
+  locs = [hypernet_data.rows(model, [t[2] for t in triples[j::2][:3]],
+                             length=48, targets=12) for j in (0, 1)]
+  width = model.config.hidden_size + model.config.intermediate_size
+  norm = {"mean": np.zeros((2, width), np.float32),
+          "std": np.ones((2, width), np.float32)}
+  net = mend.init_net(jax.random.key(0), num_layers=2,
+                      in_dim=model.config.intermediate_size,
+                      out_dim=model.config.hidden_size, rank=4, init_lr=500.0)
+  run = functools.partial(
+      mend.objective_loss, net, {"lm": model.params, "norm": norm}, rng=None,
+      config=model.config, layers=layers, start_layer=0, edit_weight=1.0,
+      loc_weight=1.0, joint=joint)
+  each = [run({"edit": edit, "para": para, "loc": loc})[1]["kl"]
+          for loc in locs]
+  both = {f: np.stack([locs[0][f], locs[1][f]], 1) for f in locs[0]}
+  got = run({"edit": edit, "para": para, "loc": both})[1]["kl"]
+  assert min(each) > 1e-4 and not np.isclose(each[0], each[1], rtol=1e-3)
+  np.testing.assert_allclose(got, np.mean(each), rtol=1e-4)

@@ -6,9 +6,10 @@ A *row set* is a dict of numpy arrays for N `(prompt, target)` pairs:
   pos           [N, P]   where each target token is predicted (prompt_len-1+j)
   tgt, w        [N, P]   the target ids and 1/0 weights (P >= target length)
 
-Training examples are triples `(edit, paraphrase, locality)` of pairs: the
-edit and a paraphrase of it carry the new target, the locality pair an
-unrelated prompt with the answer the unedited model should keep.
+Training examples are tuples `(edit, paraphrase, locality_1, ...,
+locality_k)` of pairs: the edit and a paraphrase of it carry the new
+target, each locality pair an unrelated prompt with the answer the
+unedited model should keep.
 """
 
 from __future__ import annotations
@@ -80,18 +81,31 @@ def fits(model, pair, length: int, targets: int) -> bool:
 
 
 def triples_from_cases(cases) -> list[tuple]:
-  """`(edit, paraphrase, locality)` pairs from evaluation `EditCase`s.
-
-  Cases without a paraphrase or a neighbourhood prompt are skipped.
+  """`(edit, paraphrase, locality, ...)` examples from evaluation `EditCase`s:
+  the new target on the prompt and its first paraphrase, then every
+  neighbourhood pair. Cases without a paraphrase or a neighbourhood prompt
+  are skipped; `with_locality` picks how many locality pairs are used.
   """
   out = []
   for case in cases:
     if not case.paraphrase_prompts or not case.neighborhood:
       continue
     target = case.target_new
-    loc_prompt, loc_answer = case.neighborhood[0]
     out.append(((case.prompt, target), (case.paraphrase_prompts[0], target),
-                (loc_prompt, loc_answer)))
+                *(tuple(pair) for pair in case.neighborhood)))
+  return out
+
+
+def with_locality(examples, k: int) -> list[tuple]:
+  """Each example as `(edit, paraphrase, loc_1, ..., loc_k)`: its first `k`
+  locality pairs, cycled when it has fewer (so every edit gets k)."""
+  if k < 1:
+    raise errors.ConfigError(f"loc_per_edit={k} must be >= 1.")
+  out = []
+  for example in examples:
+    locs = example[2:]
+    out.append(tuple(example[:2]) + tuple(locs[i % len(locs)]
+                                          for i in range(k)))
   return out
 
 
@@ -152,4 +166,4 @@ def prefix_hidden(model, params, row_set: dict, start_layer: int, *,
 
 
 __all__ = ["encode_pair", "fits", "prefix_hidden", "rows",
-           "synthetic_triples", "triples_from_cases"]
+           "synthetic_triples", "triples_from_cases", "with_locality"]

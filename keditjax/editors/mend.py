@@ -179,7 +179,13 @@ def factors(config, params, rows, layers, start_layer: int):
 
 def _outcome(net, params, norm, edit, para, loc, *, config, layers,
              start_layer):
-  """Per-row NLLs, hits and locality KL after editing with `edit`'s rows."""
+  """Per-row NLLs, hits and locality KL after editing with `edit`'s rows.
+
+  `loc` may carry several rows per edit (a `[..., k]` lead): they are
+  flattened into one batch, and the KL is their mean.
+  """
+  loc = {f: v.reshape((-1,) + v.shape[-(2 if f == "hidden" else 1):])
+         for f, v in loc.items()}
   new_params = edited(config, params, layers, deltas(
       net, norm, factors(config, params, edit, layers, start_layer)))
   edit_nll, edit_ok = target_nll(

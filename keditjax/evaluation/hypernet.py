@@ -69,6 +69,7 @@ def mend_config() -> ml_collections.ConfigDict:
   c.targets = 4  # target tokens per row
   c.edit_weight = 1.0
   c.loc_weight = 1.0
+  c.loc_per_edit = 1  # locality pairs per edit (CounterFact neighbours)
   c.norm_examples = 64
   c.mend = ml_collections.ConfigDict(
       {"layers": (), "rank": 128, "init_lr": 1e-4})
@@ -130,6 +131,7 @@ def mend_triples(c, model) -> list:
         raise errors.InputError(
             f"{skipped} of {len(records)} records of {path} are malformed.")
       triples += hypernet_data.triples_from_cases(cases)
+  triples = hypernet_data.with_locality(triples, c.loc_per_edit)
   ok = [t for t in triples
         if all(hypernet_data.fits(model, pair, c.length, c.targets)
                for pair in t)]
@@ -143,9 +145,14 @@ def mend_triples(c, model) -> list:
 
 
 def _row_sets(model, triples, c, start_layer, cache: str | None):
+  """Row sets "edit", "para", "loc" (with a `[N, loc_per_edit]` lead when
+  loc_per_edit > 1), each with its prefix activations `hidden`."""
+  k = len(triples[0]) - 2
   sets = {}
-  for i, part in enumerate(("edit", "para", "loc")):
-    rows = hypernet_data.rows(model, [t[i] for t in triples], length=c.length,
+  for part in ("edit", "para", "loc"):
+    pairs = {"edit": [t[0] for t in triples], "para": [t[1] for t in triples],
+             "loc": [pair for t in triples for pair in t[2:]]}[part]
+    rows = hypernet_data.rows(model, pairs, length=c.length,
                               targets=c.targets)
     path = None if cache is None else f"{cache}-{part}.npy"
     if path and os.path.exists(path):
@@ -158,6 +165,9 @@ def _row_sets(model, triples, c, start_layer, cache: str | None):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         np.save(path + ".tmp.npy", rows["hidden"])
         os.replace(path + ".tmp.npy", path)
+    if part == "loc" and k > 1:
+      rows = {f: v.reshape((len(triples), k) + v.shape[1:])
+              for f, v in rows.items()}
     sets[part] = rows
   return sets
 
