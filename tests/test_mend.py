@@ -3,14 +3,13 @@
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from keditjax import editors, errors, training
 from keditjax.editors import hypernet_data, mend
 from keditjax.evaluation import hypernet
-from keditjax.models import lm, tiny
+from keditjax.models import tiny
 
 from experiments.configs import mend_tiny_synthetic
 
