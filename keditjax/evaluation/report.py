@@ -130,7 +130,8 @@ def scatter(runs, path: str, x: str, y: str) -> list[str]:
     if m.get(x) is not None and m.get(y) is not None:
       drawn.append(name)
       ax.scatter(m[x], m[y])
-      ax.annotate(name, (m[x], m[y]), fontsize=7, xytext=(3, 3),
+      ax.annotate(name, (m[x], m[y]), fontsize=7,  # alternate: less overlap
+                  xytext=(3, 3 if len(drawn) % 2 else -10),
                   textcoords="offset points")
   ax.set(xlabel=labels.get(x, x), ylabel=labels.get(y, y))
   ax.grid(alpha=0.3)
