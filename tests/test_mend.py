@@ -25,6 +25,18 @@ def _rows(model):
   return hypernet_data.rows(model, pairs)
 
 
+def _untrained(model, num_layers: int, init_lr: float):
+  """(net, norm): an untrained rank-4 network and identity normalisation."""
+  width = model.config.hidden_size + model.config.intermediate_size
+  norm = {"mean": np.zeros((num_layers, width), np.float32),
+          "std": np.ones((num_layers, width), np.float32)}
+  net = mend.init_net(jax.random.key(0), num_layers=num_layers,
+                      in_dim=model.config.intermediate_size,
+                      out_dim=model.config.hidden_size, rank=4,
+                      init_lr=init_lr)
+  return net, norm
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_factors_are_the_kernel_gradient(model, arch):
   """Σ_t x_t δ_tᵀ equals jax.grad of the target NLL w.r.t. the MLP output
@@ -91,12 +103,7 @@ def test_untrained_mend_is_one_normalised_gradient_step(model):
   layers = (3,)
   rows = _rows(model)
   fs = mend.factors(model.config, model.params, rows, layers, 0)
-  width = model.config.hidden_size + model.config.intermediate_size
-  norm = {"mean": np.zeros((1, width), np.float32),
-          "std": np.ones((1, width), np.float32)}
-  net = mend.init_net(jax.random.key(0), num_layers=1,
-                      in_dim=model.config.intermediate_size,
-                      out_dim=model.config.hidden_size, rank=4, init_lr=0.5)
+  net, norm = _untrained(model, 1, 0.5)
   (delta,) = mend.deltas(net, norm, fs)
   x, d, m = fs[0]
   grad = np.einsum("blf,bld->fd", np.asarray(x) * np.asarray(m)[..., None],
@@ -186,12 +193,7 @@ def test_single_and_joint_objectives(model):
   sets = [hypernet_data.rows(model, [t[i] for t in triples], length=48,
                              targets=12) for i in range(3)]
   batch = dict(zip(("edit", "para", "loc"), sets))
-  width = model.config.hidden_size + model.config.intermediate_size
-  norm = {"mean": np.zeros((2, width), np.float32),
-          "std": np.ones((2, width), np.float32)}
-  net = mend.init_net(jax.random.key(0), num_layers=2,
-                      in_dim=model.config.intermediate_size,
-                      out_dim=model.config.hidden_size, rank=4, init_lr=0.5)
+  net, norm = _untrained(model, 2, 0.5)
   frozen = {"lm": model.params, "norm": norm}
   loss = lambda joint, b: functools.partial(
       mend.objective_loss, config=model.config, layers=layers, start_layer=0,
@@ -248,12 +250,7 @@ def test_several_locality_rows_per_edit_average_their_kl(model, joint):
                             targets=12)
   locs = [hypernet_data.rows(model, [t[2] for t in triples[j::2][:3]],
                              length=48, targets=12) for j in (0, 1)]
-  width = model.config.hidden_size + model.config.intermediate_size
-  norm = {"mean": np.zeros((2, width), np.float32),
-          "std": np.ones((2, width), np.float32)}
-  net = mend.init_net(jax.random.key(0), num_layers=2,
-                      in_dim=model.config.intermediate_size,
-                      out_dim=model.config.hidden_size, rank=4, init_lr=500.0)
+  net, norm = _untrained(model, 2, 500.0)
   run = functools.partial(
       mend.objective_loss, net, {"lm": model.params, "norm": norm}, rng=None,
       config=model.config, layers=layers, start_layer=0, edit_weight=1.0,
