@@ -256,24 +256,32 @@ t.training.train(t._toy(shape=(2048, 4096)), c, batch_fn=t._batch,
 """
   root = tmp_path / "checkpoints"
   listing = lambda: os.listdir(root) if root.exists() else []
-  for _ in range(3):
+  tmps = lambda: {n for n in listing() if "tmp" in n}
+  # A save can finish between seeing its tmp directory and the kill landing,
+  # so attempts repeat until 3 kills have cut a save short (a new tmp dir
+  # left behind); after every kill the latest step must be readable.
+  cut = attempts = 0
+  while cut < 3 and attempts < 20:
+    attempts += 1
+    before = tmps()  # leftovers of the last kill (the next run cleans them)
     proc = subprocess.Popen([sys.executable, "-c", script], env=_env(1),
                             stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     # Kill the moment a save is under way after at least one finished step.
     while time.time() < deadline and not (
-        any("tmp" in n for n in listing()) and
-        any(n.isdigit() for n in listing())):
-      time.sleep(0.005)
+        tmps() - before and any(n.isdigit() for n in listing())):
+      time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert any("tmp" in n for n in listing())  # the save was cut short
+    assert time.time() < deadline, "no save started within 300 s"
+    cut += bool(tmps() - before)  # this save was cut short
     ckpt = training.Checkpointer(str(root), every=1, keep=2)
     latest = ckpt.latest_step()
     assert latest is not None
     assert ckpt.read_meta(latest)["name"] == "toy"  # readable
     ckpt.close()
+  assert cut == 3, f"only {cut} of {attempts} kills landed mid-save"
   # ... and training resumes from the newest finished step, arrays and all.
   res = training.train(_toy(shape=(2048, 4096)),
                        _config(steps=latest + 1, checkpoint_every=1, keep=2,
