@@ -8,9 +8,10 @@ and edits with `W' = W − α_ℓ Σ_t x̃_t δ̃_tᵀ` (Eq. 3-4). Here
 
   - the edited layers are the MLP output projections of `layers` (Llama
     `down_proj`, GPT-2 `c_proj`, GPT-J `fc_out`: the leaf that writes the
-    site `layer/ℓ/mlp/value`, `models.registry.site_param_path`), whose input and output are the named sites `layer/ℓ/mlp/key`
-    and `layer/ℓ/mlp/value`, so `x_t` is a capture and `δ_t` the gradient
-    of an additive zero patch (no hooks);
+    site `layer/ℓ/mlp/value`, `models.registry.site_param_path`). Their
+    input and output are the named sites `layer/ℓ/mlp/key` and
+    `layer/ℓ/mlp/value`, so `x_t` is a capture and `δ_t` the gradient of an
+    additive zero patch (no hooks);
   - `g` is one low-rank residual MLP shared by all layers,
     `z + W₂ relu(W₁ z + b₁) + b₂` with `W₂ = 0` at init (so an untrained
     MEND is one step of normalised gradient descent), after a per-layer

@@ -149,9 +149,9 @@ def _row_sets(model, triples, c, start_layer, cache: str | None):
   loc_per_edit > 1), each with its prefix activations `hidden`."""
   k = len(triples[0]) - 2
   sets = {}
-  for part in ("edit", "para", "loc"):
-    pairs = {"edit": [t[0] for t in triples], "para": [t[1] for t in triples],
-             "loc": [pair for t in triples for pair in t[2:]]}[part]
+  parts = {"edit": [t[0] for t in triples], "para": [t[1] for t in triples],
+           "loc": [pair for t in triples for pair in t[2:]]}
+  for part, pairs in parts.items():
     rows = hypernet_data.rows(model, pairs, length=c.length,
                               targets=c.targets)
     path = None if cache is None else f"{cache}-{part}.npy"
