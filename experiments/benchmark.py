@@ -22,7 +22,8 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import bench_edit, bench_train
-from keditjax import models
+from experiments import common  # noqa: F401  (defines --compilation_cache)
+from keditjax import compilation_cache, models
 from keditjax.models import lm
 
 _TASK = flags.DEFINE_enum("task", "forward", ["forward", "generate", "stats", "edit", "score", "train"],
@@ -135,11 +136,14 @@ TASKS = {"score": bench_score, "forward": bench_forward, "generate": bench_gener
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # keep the output to results
+  # Off unless asked for: compile times are measured, not read from disk.
+  cache_dir = compilation_cache.enable(flags.FLAGS.compilation_cache or "off")
   model = models.load(_MODEL.value)
   params = jax.device_put(model.params)  # move once, not on every call
   report = {"task": _TASK.value, "model": _MODEL.value,
             "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
             "num_devices": jax.device_count(), "jax": jax.__version__,
+            "compilation_cache": cache_dir,
             "params": sum(x.size for x in jax.tree.leaves(params)), "steps": _STEPS.value,
             "results": TASKS[_TASK.value](model, params)}
   print(f"{report['task']} {report['model']} ({report['params'] / 1e6:.1f}M params) on "

@@ -1,19 +1,22 @@
 """What every launcher does first: quiet logs and a persistent XLA cache."""
 
-import os
+from absl import flags, logging
 
-import jax
-from absl import logging
+from keditjax import compilation_cache
+
+_CACHE = flags.DEFINE_string(
+    "compilation_cache", None,
+    "Persistent XLA compilation cache folder ('off' disables it; default: "
+    "$KEDITJAX_COMPILATION_CACHE, else ~/.cache/keditjax/xla).")
 
 
-def setup() -> None:
+def setup() -> str | None:
   """WARNING-level logs; compiled programs cached on disk across runs.
 
-  The cache lives in `$KEDITJAX_CACHE/xla` (default `~/.cache/keditjax/xla`),
-  so a second run of the same edit shapes skips compilation.
+  Returns:
+    The compilation cache folder (`keditjax.compilation_cache.enable`), or
+    None when disabled.
   """
   logging.set_verbosity(logging.WARNING)
-  root = os.environ.get("KEDITJAX_CACHE",
-                        os.path.join(os.path.expanduser("~"), ".cache", "keditjax"))
-  jax.config.update("jax_compilation_cache_dir", os.path.join(root, "xla"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  return compilation_cache.enable(
+      _CACHE.value if flags.FLAGS.is_parsed() else None)

@@ -17,6 +17,7 @@ Writes DIR/results.json ({"protocol", "n", "metrics", "cases", "steps",
 DIR/metrics.png. Editor hyper-parameters: --config.<method>.<field>=...
 """
 
+import dataclasses
 import os
 
 from absl import app, flags
@@ -116,7 +117,8 @@ def main(argv):
                         "data_path": FLAGS.data_path, "start": FLAGS.start,
                         "num_edits": FLAGS.num_edits}
   if editor is not None:
-    results["hparams"] = FLAGS.config[FLAGS.method].to_dict()
+    # The editor's own hparams: for MEND, the loaded network's rank and layers.
+    results["hparams"] = dataclasses.asdict(editor.hparams)
   paths = report.write(results, FLAGS.output_dir,
                        title=f"{results['method']} on {FLAGS.dataset}")
   print(open(paths["summary"]).read())

@@ -3,7 +3,7 @@ r"""Causal tracing (ROME §2) over known facts: heatmaps and numbers.
   python -m experiments.trace [--model=smollm2-135m] [--num_prompts=10]
       [--samples=10] [--window=10] [--noise=<3 x subject embedding std>]
       [--kinds=resid,mlp,attn] [--only_correct] [--output_dir=runs/trace]
-      [--data_path=../shared/data/known_1000/known_1000.json]
+      [--data_path=known_1000]   # a keditjax.data name, a path or hf:<id>
 
 The answer is the model's greedy next token (`--only_correct` skips facts it
 gets wrong, as ROME does). Writes `trace_<known_id>.png` (resid/MLP/attention
@@ -19,17 +19,14 @@ import os
 import time
 
 from absl import app, flags
-from tqdm import tqdm
 
 from experiments import common
-from keditjax import models
+from keditjax import data, models, progress
 from keditjax.analysis import tracing
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _MODEL = flags.DEFINE_string("model", models.DEFAULT_MODEL, "Model to load.")
 _DATA = flags.DEFINE_string(
-    "data_path", os.path.join(_REPO, "..", "shared", "data", "known_1000",
-                              "known_1000.json"), "ROME's known_1000.json.")
+    "data_path", "known_1000", "ROME's known_1000.json (a name, path or hf:<id>).")
 _NUM = flags.DEFINE_integer("num_prompts", 10, "How many facts to trace.")
 _SAMPLES = flags.DEFINE_integer("samples", 10, "Noise samples (ROME: 10).")
 _WINDOW = flags.DEFINE_integer(
@@ -51,8 +48,7 @@ def is_correct(answer, record):
 def main(argv):
   del argv
   common.setup()  # quiet logs, persistent XLA cache
-  with open(_DATA.value) as f:
-    records = json.load(f)
+  records = data.read_records(_DATA.value)
   model = models.load(_MODEL.value)
   noise = _NOISE.value if _NOISE.value is not None else 3 * (  # as ROME
       tracing.embedding_std(model, [r["subject"] for r in records]))
@@ -61,7 +57,7 @@ def main(argv):
                if is_correct(model.generate(model.params, r["prompt"], 1), r))
   os.makedirs(_OUTPUT.value, exist_ok=True)
   traces, prompts, start = [], [], time.perf_counter()
-  for record in tqdm(itertools.islice(records, _NUM.value), desc="prompts",
+  for record in progress.bar(itertools.islice(records, _NUM.value), desc="prompts",
                      total=_NUM.value):
     trace = tracing.causal_trace(
         model, record["prompt"], record["subject"], noise=noise,
@@ -73,7 +69,7 @@ def main(argv):
     prompts.append({"known_id": record["known_id"], "correct": is_correct(
         trace.answer, record), "attribute": record["attribute"],
                     **trace.to_json()})
-    tqdm.write(f"{trace.prompt!r} -> {trace.answer!r} {prompts[-1]['correct']}"
+    progress.write(f"{trace.prompt!r} -> {trace.answer!r} {prompts[-1]['correct']}"
                f" p clean {trace.high_score:.3f} corrupted {trace.low_score:.3f}")
   seconds = time.perf_counter() - start
   average = tracing.average_traces(traces)

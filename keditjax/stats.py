@@ -5,8 +5,9 @@ AlphaEdit (Fang et al. 2025, Sec. 3) weight their edits by the uncentred
 second moment of the MLP keys at `layer/{l}/mlp/key`, estimated over a
 generic corpus (ROME: `layer_stats.py`, WikiText). Here:
 
-  - the corpus (default WikiText-2 train from `../shared/data`, `<unk>`
-    dropped, headings skipped) is tokenized in chunks and *packed*: texts
+  - the corpus (default: the bundled WikiText-2 train split, `<unk>`
+    dropped, headings skipped; any name, path or `hf:` spec of
+    `keditjax.data`) is tokenized in chunks and *packed*: texts
     joined by a newline token and cut into rows of exactly `seq_len` tokens,
     so no compute is spent on padding (only the last row of the last batch is
     padded, and masked);
@@ -58,16 +59,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from keditjax import data
 from keditjax import errors
+from keditjax import progress as progress_lib
 from keditjax.kernels import covariance
 from keditjax.kernels.covariance import check_covariance  # re-exported
 from keditjax.models import lm
 from keditjax.models import precision
 from keditjax.models import sites as sites_lib
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CORPUS = os.path.normpath(
-    os.path.join(_REPO, "..", "shared", "data", "corpus", "wikitext-2"))
+DEFAULT_CORPUS = "wikitext-2"  # a `keditjax.data` name: bundled WikiText-2
 # Bump when the text cleaning, packing or file layout changes: old cache
 # files then stop matching instead of being misread.
 FORMAT = "keditjax.stats/1"
@@ -123,8 +124,9 @@ class Corpus:
 
 
 def _file_digest(path: str) -> str:
+  """sha256 of the (decompressed) content: a gzip'd copy keeps its key."""
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with data.open_bytes(path) as f:
     for block in iter(lambda: f.read(1 << 22), b""):
       h.update(block)
   return h.hexdigest()
@@ -132,7 +134,7 @@ def _file_digest(path: str) -> str:
 
 def _read_lines(paths: Sequence[str]) -> Iterator[str]:
   for path in paths:
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with data.open_text(path) as f:
       yield from f
 
 
@@ -147,14 +149,14 @@ def _corpus_files(corpus) -> list[str]:
     if os.path.isdir(item):
       found = sorted(
           os.path.join(item, name) for name in os.listdir(item)
-          if name.endswith(TEXT_SUFFIXES)
+          if data.stem(name).endswith(TEXT_SUFFIXES)
           and os.path.isfile(os.path.join(item, name)))
       # A dataset directory with splits: statistics come from training text.
       train = [f for f in found if "train" in os.path.basename(f)]
       if not (train or found):
         raise errors.InputError(
             f"corpus directory {item!r} has no text files (suffixes "
-            f"{TEXT_SUFFIXES}).")
+            f"{TEXT_SUFFIXES}, optionally .gz).")
       files += train or found
     elif os.path.isfile(item):
       files.append(item)
@@ -168,20 +170,7 @@ def _corpus_files(corpus) -> list[str]:
 
 def _hf_corpus(spec: str) -> Corpus:
   """`hf:NAME`, `hf:NAME:SPLIT` or `hf:NAME:CONFIG:SPLIT` via `datasets`."""
-  parts = spec[3:].split(":")
-  if not parts[0] or len(parts) > 3:
-    raise errors.InputError(
-        f"corpus {spec!r}: use 'hf:NAME', 'hf:NAME:SPLIT' or "
-        "'hf:NAME:CONFIG:SPLIT'.")
-  name, config, split = {1: (parts[0], None, "train"),
-                         2: (parts[0], None, parts[-1]),
-                         3: tuple(parts)}[len(parts)]
-  import datasets  # heavy; only for this corpus kind
-  try:
-    dataset = datasets.load_dataset(name, config, split=split)
-  except Exception as e:  # datasets raises many unrelated types
-    raise errors.InputError(f"corpus {spec!r}: cannot load ({e}).") from None
-  return _dataset_corpus(dataset, spec)
+  return _dataset_corpus(data.load_hf(spec), spec)
 
 
 def _dataset_corpus(dataset, description: str) -> Corpus:
@@ -211,11 +200,9 @@ def resolve_corpus(corpus=None) -> Corpus:
   if isinstance(corpus, Corpus):
     return corpus
   if corpus is None:
-    if not os.path.isdir(DEFAULT_CORPUS):
-      raise errors.InputError(
-          f"the default corpus {DEFAULT_CORPUS} is missing; pass "
-          "corpus=<text files or directory> or 'hf:<dataset>'.")
     corpus = DEFAULT_CORPUS
+  if isinstance(corpus, str) and data.is_name(corpus):
+    corpus = data.path(corpus, kind="corpus")
   if isinstance(corpus, str) and corpus.startswith("hf:"):
     return _hf_corpus(corpus)
   if hasattr(corpus, "column_names"):  # a datasets.Dataset
@@ -231,7 +218,8 @@ def corpus_texts(corpus=None) -> Iterator[str]:
   """The cleaned paragraphs of a corpus, in order.
 
   Args:
-    corpus: None (WikiText-2 train, `DEFAULT_CORPUS`), a text file, a
+    corpus: None (the bundled WikiText-2 train split, `DEFAULT_CORPUS`), a
+      `keditjax.data` corpus name, a text file (optionally .gz), a
       directory (its `TEXT_SUFFIXES` files; only those named `*train*` when
       there are any), a list of files, `"hf:NAME[:CONFIG]:SPLIT"` (a Hugging
       Face dataset with a "text" column) or a `datasets.Dataset`.
@@ -744,8 +732,7 @@ def _compute(model, layers, params, corpus, fps, recipe: Recipe, batch_size,
 
   bar = None
   if progress:
-    from tqdm.auto import tqdm
-    bar = tqdm(total=num_tokens, initial=count, unit="tok", unit_scale=True,
+    bar = progress_lib.bar(total=num_tokens, initial=count, unit="tok", unit_scale=True,
                desc=f"E[kk^T] layers {','.join(map(str, layers))}")
   x64 = jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext()
   with x64:

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from conftest import make_tiny_lm
-from keditjax import editors, errors
+from keditjax import data, editors, errors
 from keditjax.editors import base
 from keditjax.evaluation import cases as C
 from keditjax.evaluation import evaluator, protocols, report, scoring
@@ -202,7 +202,7 @@ def test_rome_schema_counterfact(tmp_path):
 
 def test_bundled_datasets_and_errors(tmp_path):
   cf = C.load_cases("counterfact", limit=2, start=5)
-  raw = json.load(open(C.default_path("counterfact")))[5:7]
+  raw = data.read_records("counterfact")[5:7]
   assert [c.case_id for c in cf] == [r["case_id"] for r in raw]
   assert cf[0].neighborhood
   zs = C.load_cases("zsre", limit=2)
@@ -390,7 +390,7 @@ def test_mquake_cases_edit_all_their_facts_and_score_portability(model):
 
 def test_cases_from_a_datasets_dataset():
   datasets = pytest.importorskip("datasets")
-  rows = json.load(open(C.default_path("zsre")))[:3]
+  rows = data.read_records("zsre")[:3]
   ds = datasets.Dataset.from_list([{k: r[k] for k in ("subject", "src", "alt", "answers",
                                                       "rephrase", "loc", "loc_ans")}
                                    for r in rows])

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from keditjax import editors, errors
+from keditjax import data, editors, errors
 from keditjax.editors import knowledge_editor as ke
 from keditjax.editors import tasks
 from keditjax.evaluation import fever, fever_training
@@ -22,7 +22,7 @@ from keditjax.models import bert
 from keditjax.models import fact_checker as fc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FEVER = "/work/shared/data/fever/fever1.0_paper_dev.jsonl"
+FEVER = data.path("fever")  # the bundled FEVER 1.0 dev set
 CLAIMS = [
     "Magic Johnson did not play for the Lakers.",
     "Youtube isn't a website.",
@@ -107,7 +107,6 @@ def test_split_deterministic_and_disjoint():
     fever.split(claims, fractions=(0.5, 0.5, 0.5))
 
 
-@pytest.mark.skipif(not os.path.exists(FEVER), reason="FEVER file missing")
 def test_real_fever_split():
   splits = fever.split(fever.load(FEVER), seed=0)
   texts = [{c.claim for c in v} for v in splits.values()]
@@ -311,14 +310,11 @@ def test_tiny_training_lowers_the_edit_loss(tiny):
 def test_launcher_tiny(tmp_path):
   _minilm_dir()
   rows = []
-  for i, line in enumerate(open(FEVER) if os.path.exists(FEVER) else []):
-    row = json.loads(line)
+  for row in data.read_records("fever"):
     if row["label"] != "NOT ENOUGH INFO":
       rows.append(row)
     if len(rows) == 60:
       break
-  if len(rows) < 60:
-    pytest.skip("FEVER file missing")
   path = _write(tmp_path / "fever.jsonl", rows)
   out = tmp_path / "out"
   env = dict(os.environ, KEDITJAX_CACHE=str(tmp_path / "cache"),

@@ -185,6 +185,19 @@ def test_editor_refuses_a_network_of_another_model(trained, tmp_path):
   assert meta["layers"] == [2, 3] and meta["rank"] == 16
 
 
+def test_editor_hparams_name_the_loaded_network(tmp_path):
+  """A run's recorded hparams are the network's rank and layers (from its
+  editor.json), not the class defaults (rank 128, layers None)."""
+  (tmp_path / "editor.json").write_text(json.dumps(
+      {"method": "mend", "arch": "llama", "layers": [27, 28, 29],
+       "rank": 256}))
+  editor = editors.get("mend", checkpoint=str(tmp_path))
+  assert (editor.hparams.rank, editor.hparams.layers) == (256, (27, 28, 29))
+  assert mend.network_hparams(mend.MendHParams()) == mend.MendHParams()
+  with pytest.raises(errors.CheckpointError, match="no readable MEND"):
+    editors.get("mend", checkpoint=str(tmp_path / "missing"))
+
+
 def test_single_and_joint_objectives(model):
   """One edit: both objectives agree; several: single edits are independent."""
   import functools

@@ -1,5 +1,7 @@
 """Partial forward passes: layer spans, hidden inputs, logit positions, cache."""
 
+import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -76,3 +78,23 @@ def test_scanned_blocks_equal_unrolled_pass(model):
   np.testing.assert_allclose(
       lm.run_scanned(c, p, emb, start_layer=0, attention_mask=mask), full,
       atol=2e-5, rtol=1e-4)
+
+
+def test_scanned_prefill_fills_the_cache_as_the_unrolled_pass(model):
+  """`prefill_scanned` writes the same KV cache as `run`, and the suffix
+  pass on it gives the full pass's logits."""
+  c, p = model.config, model.params
+  rng = np.random.default_rng(3)
+  tokens = jnp.asarray(rng.integers(0, c.vocab_size, (2, 9)), jnp.int32)
+  mask = jnp.asarray(np.array([[1] * 9, [0, 0, 0] + [1] * 6]), jnp.int32)
+  _, _, want = lm.run(c, p, tokens[:, :5], attention_mask=mask[:, :5],
+                      cache=layers.init_cache(c, 2, 9))
+  got = jax.jit(lambda t, m, k: lm.prefill_scanned(
+      c, p, t, attention_mask=m, cache=k))(tokens[:, :5], mask[:, :5],
+                                           layers.init_cache(c, 2, 9))
+  assert len(got["layers"]) == c.num_layers and int(got["index"]) == 5
+  chex.assert_trees_all_close(got, want, atol=2e-5, rtol=1e-4)
+  full, _, _ = lm.run(c, p, tokens, attention_mask=mask)
+  rest, _, _ = lm.run(c, p, tokens[:, 5:], attention_mask=mask[:, 5:],
+                      cache=got)
+  np.testing.assert_allclose(rest, full[:, 5:], atol=2e-5, rtol=1e-4)

@@ -73,16 +73,19 @@ def test_train_hypernet_notebook_runs_top_to_bottom():
 # lower layers): the editors hold the math, the evaluation binds it to data.
 LAYERS = {
     "errors": set(),
+    "data": {"errors"},
+    "progress": set(),
+    "compilation_cache": set(),
     "kernels": {"errors"},
-    "models": {"errors"},
+    "models": {"errors", "progress"},
     "sharding": {"errors", "models"},
-    "stats": {"errors", "kernels", "models", "sharding"},
-    "training": {"errors", "sharding"},
-    "analysis": {"errors", "models"},
-    "editors": {"errors", "kernels", "models", "sharding", "stats",
-                "training"},
-    "evaluation": {"editors", "errors", "kernels", "models", "sharding",
-                   "stats", "training"},
+    "stats": {"data", "errors", "kernels", "models", "progress", "sharding"},
+    "training": {"errors", "progress", "sharding"},
+    "analysis": {"errors", "models", "progress"},
+    "editors": {"errors", "kernels", "models", "progress", "sharding",
+                "stats", "training"},
+    "evaluation": {"data", "editors", "errors", "kernels", "models",
+                   "progress", "sharding", "stats", "training"},
 }
 
 

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from keditjax import errors
+from keditjax import progress as progress_lib
 from keditjax.models import layers, lm, registry
 from keditjax.models import sites as sites_lib
 
@@ -361,8 +362,7 @@ def causal_trace(model, prompt: str, subject: str, *, noise: float,
   probs_R = np.zeros(order.size, np.float32)
   chunks = range(0, order.size, chunk_size)
   if progress:
-    from tqdm import tqdm
-    chunks = tqdm(chunks, desc="restorations", leave=False)
+    chunks = progress_lib.bar(chunks, desc="restorations", leave=False)
   for begin in chunks:
     picked = order[begin:begin + chunk_size]
     padded = np.resize(picked, chunk_size)  # repeat rows to a full chunk

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from tqdm.auto import tqdm
+from keditjax import progress as progress_lib
 
 from keditjax import errors, sharding, stats
 from keditjax.editors import base, tasks
@@ -136,7 +136,7 @@ def fisher_diagonal(task, params, paths: Sequence[tuple],
          for p in paths}
   rng = jax.random.key(seed)
   count = 0
-  for batch, real in tqdm(batches, total=total, desc=f"fisher ({kind})",
+  for batch, real in progress_lib.bar(batches, total=total, desc=f"fisher ({kind})",
                           disable=not progress, leave=False):
     rows = len(batch["weights"])
     mask = (np.arange(rows) < real).astype(np.float32)

@@ -15,7 +15,7 @@ unedited model should keep.
 from __future__ import annotations
 
 import numpy as np
-from tqdm.auto import tqdm
+from keditjax import progress as progress_lib
 
 import jax
 
@@ -153,7 +153,7 @@ def prefix_hidden(model, params, row_set: dict, start_layer: int, *,
   n = len(row_set["tokens"])
   out = np.zeros((n, row_set["tokens"].shape[1], config.hidden_size),
                  np.float32)
-  for start in tqdm(range(0, n, batch_size), desc="prefix activations",
+  for start in progress_lib.bar(range(0, n, batch_size), desc="prefix activations",
                     disable=not progress):
     stop = min(start + batch_size, n)
     tokens = np.zeros((batch_size,) + row_set["tokens"].shape[1:], np.int32)

@@ -58,7 +58,7 @@ class MemitHParams:
   v_stop_loss: float = 1e-2
   v_stop_on: str = "nll"
   v_compute_dtype: str = "bfloat16"
-  v_scan_layers: bool = False
+  v_scan_layers: bool = True
   v_chunk: int = 8
   mom2_update_weight: float | None = None
   lambda_per_unit: float = 0.5

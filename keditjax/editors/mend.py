@@ -253,14 +253,12 @@ def export(directory: str, net, norm, meta: dict) -> None:
       json.dump(meta, f, indent=1, sort_keys=True)
 
 
-def load(directory: str, config) -> tuple[dict, dict, dict]:
-  """`(net, norm, meta)` exported by `export`, checked against `config`.
+def read_meta(directory: str) -> dict:
+  """The `editor.json` that `export` wrote in `directory`.
 
   Raises:
-    CheckpointError: missing or corrupt files, or a network trained for a
-      different model shape.
+    CheckpointError: no readable `editor.json`.
   """
-  from keditjax import training  # pylint: disable=import-outside-toplevel
   path = os.path.join(directory, "editor.json")
   try:
     with open(path) as f:
@@ -270,6 +268,34 @@ def load(directory: str, config) -> tuple[dict, dict, dict]:
         f"no readable MEND editor in {directory} ({e}); train one with "
         "`python -m experiments.train_hypernet --config=...mend...`.") from e
   meta.setdefault("arch", "llama")  # editors exported before GPT-2/GPT-J
+  return meta
+
+
+def network_hparams(hp: MendHParams) -> MendHParams:
+  """`hp` with the `rank` and `layers` of the trained network in
+  `hp.checkpoint` (its `editor.json`): what the editor edits with, which a
+  record of the run must name rather than the class defaults. `hp` itself
+  without a checkpoint.
+
+  Raises:
+    CheckpointError: `hp.checkpoint` holds no readable `editor.json`.
+  """
+  if not hp.checkpoint:
+    return hp
+  meta = read_meta(hp.checkpoint)
+  return dataclasses.replace(hp, rank=int(meta["rank"]),
+                             layers=tuple(int(l) for l in meta["layers"]))
+
+
+def load(directory: str, config) -> tuple[dict, dict, dict]:
+  """`(net, norm, meta)` exported by `export`, checked against `config`.
+
+  Raises:
+    CheckpointError: missing or corrupt files, or a network trained for a
+      different model shape.
+  """
+  from keditjax import training  # pylint: disable=import-outside-toplevel
+  meta = read_meta(directory)
   want = {"arch": config.arch, "hidden_size": config.hidden_size,
           "intermediate_size": config.intermediate_size,
           "num_layers": config.num_layers}
@@ -307,7 +333,11 @@ def mend(hparams: MendHParams = MendHParams()) -> base.Editor:
   """The MEND editor (module docstring); `init(model, params, trained=...)`.
 
   `trained` is `(net, norm)` or a `MendState`; otherwise the network is
-  loaded from `hparams.checkpoint`.
+  loaded from `hparams.checkpoint`. The editor's `hparams` carry that
+  network's `rank` and `layers` (`network_hparams`), so a run records them.
+
+  Raises:
+    CheckpointError: `hparams.checkpoint` holds no readable `editor.json`.
   """
   hp = hparams
   if hp.rank < 1 or not hp.init_lr > 0:
@@ -353,10 +383,11 @@ def mend(hparams: MendHParams = MendHParams()) -> base.Editor:
                          extras={"layers": list(state.layers)})
     return new_params, dataclasses.replace(state, edits=state.edits + 1), info
 
-  return base.Editor("mend", hp, init, apply)
+  # The recorded hparams name the loaded network's rank and layers.
+  return base.Editor("mend", network_hparams(hp), init, apply)
 
 
 __all__ = ["DECODERS", "MendHParams", "MendState", "deltas", "edited",
-           "export", "kernel_path",
+           "export", "kernel_path", "network_hparams", "read_meta",
            "factors", "init_net", "load", "mend", "objective_loss",
            "target_nll", "transform"]

@@ -47,7 +47,8 @@ class RomeHParams:
     use_covariance: use the key second moment C [mom2_adjustment]; False
       uses the identity.
     mom2_tokens: corpus tokens for C [mom2_n_samples, in tokens].
-    mom2_corpus: corpus for C (None: WikiText-2 from ../shared/data).
+    mom2_corpus: corpus for C (None: the bundled WikiText-2; any
+      `keditjax.data` corpus name, path or hf: spec).
     mom2_dtype: accumulator dtype, "float32" or "float64".
     seed: seed of the context templates.
   """
@@ -61,7 +62,7 @@ class RomeHParams:
   v_stop_loss: float = 5e-2
   v_stop_on: str = "nll"
   v_compute_dtype: str = "bfloat16"
-  v_scan_layers: bool = False
+  v_scan_layers: bool = True
   use_covariance: bool = True
   mom2_tokens: int = 200_000
   mom2_corpus: str | None = None

@@ -18,50 +18,32 @@ four) and everything the metrics look at after the edit:
 
 Loaders (all raise `InputError` naming the file, record index and field):
 
-  load_cases("counterfact", path)  # flattened (../shared/data) or ROME schema
+  load_cases("counterfact", path)  # flattened (bundled) or ROME schema
   load_cases("zsre", path)         # MEND schema (src/alt/rephrase/loc/...)
   load_cases("mquake", path)       # requested_rewrite list + questions
+  load_cases("qaedit", path)       # QAEdit questions (prompt/target/locality)
   load_cases("jsonl", path)        # our own format, see docs/metrics.md
   load_facts("known_1000", path)   # `Fact`s (prompt, subject, answer)
   load_claims(path)                # FEVER `Claim`s (SUPPORTS / REFUTES)
 
-`path` may also be `hf:<dataset>[:<split>]`, read with the `datasets` library
-(for users with a hub connection); the rows are then parsed like the files.
+`path` defaults to the bundled file of the dataset; it may be any name,
+path (.json/.jsonl, optionally .gz) or `hf:<id>[:<split>]` that
+`keditjax.data` resolves; the rows are then parsed like the files.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Iterable, Mapping, Sequence
 
+from keditjax import data
 from keditjax import errors
 from keditjax.editors.base import Request, make_request
 
-DATA_ROOT = os.environ.get(
-    "KEDITJAX_DATA",
-    os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__)))), "..", "shared", "data"))
-
-DEFAULT_FILES = {
-    "counterfact": "counterfact/counterfact-edit.json",
-    "counterfact-train": "counterfact/counterfact-train.json",
-    "zsre": "zsre/zsre_mend_eval_portability_gpt4.json",
-    "zsre-train": "zsre/zsre_mend_train-1k.json",
-    "mquake": "mquake/AKEW_MQuAKE-CF_subset.json",
-    "known_1000": "known_1000/known_1000.json",
-    "fever": "fever/fever1.0_paper_dev.jsonl",
-}
-
-
 def default_path(dataset: str) -> str:
-  """The bundled file of `dataset` under `$KEDITJAX_DATA` (../shared/data)."""
-  if dataset not in DEFAULT_FILES:
-    raise errors.InputError(
-        f"dataset {dataset!r} has no default file; pass a path. Known: "
-        f"{sorted(DEFAULT_FILES)}.")
-  return os.path.normpath(os.path.join(DATA_ROOT, DEFAULT_FILES[dataset]))
+  """The file a dataset name resolves to (`keditjax.data.path`)."""
+  return data.path(dataset, kind="dataset")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,26 +152,8 @@ class _Record:
       raise errors.InputError(f"{self.where}: field {field!r}: {e}") from None
 
 
-def _read_rows(path: str) -> list:
-  if path.startswith("hf:"):
-    import datasets  # pylint: disable=g-import-not-at-top
-    name, _, split = path[3:].partition(":")
-    return list(datasets.load_dataset(name, split=split or "train"))
-  if not os.path.exists(path):
-    raise errors.InputError(f"data file {path} does not exist.")
-  with open(path) as f:
-    text = f.read()
-  try:
-    if path.endswith(".jsonl"):
-      return [json.loads(line) for line in text.splitlines() if line.strip()]
-    rows = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise errors.InputError(f"{path} is not valid JSON: {e}.") from None
-  if isinstance(rows, Mapping):  # {"data": [...]} or {id: record}
-    rows = rows.get("data", list(rows.values()))
-  if not isinstance(rows, list):
-    raise errors.InputError(f"{path}: expected a list of records.")
-  return rows
+def _read_rows(spec: str) -> list:
+  return data.read_records(spec)
 
 
 def detect_schema(record: Mapping) -> str:
@@ -206,6 +170,8 @@ def detect_schema(record: Mapping) -> str:
     return "known"
   if "claim" in record and "label" in record:
     return "fever"
+  if "target" in record and "rephrase" in record and "locality" in record:
+    return "qaedit"
   if "requests" in record or ("prompt" in record and "target_new" in record):
     return "jsonl"
   return "unknown"
@@ -298,6 +264,25 @@ def _mquake(r: _Record) -> EditCase:
       portability=tuple((q, new, old) for q in questions), source="mquake")
 
 
+def _qaedit(r: _Record) -> EditCase:
+  """QAEdit (Yang et al. 2025): a question, the answer to teach, a
+  paraphrase and unrelated (question, answer) pairs for locality. There is no
+  old answer: the edit corrects what the model gets wrong."""
+  request = r.request(dict(prompt=r.str("prompt"), subject=r.str("subject"),
+                           target_new=r.str("target")), "prompt")
+  locality = r.record.get("locality") or []
+  if not isinstance(locality, list):
+    raise r.error("locality", "must be a list of {loc, loc_ans} objects")
+  neighborhood = []
+  for j, item in enumerate(locality):
+    it = _Record(f"{r.where} locality[{j}]", item)
+    neighborhood.append((it.str("loc"), it.str("loc_ans")))
+  case_id = r.record.get("id", r.record.get("case_id"))
+  return EditCase(case_id, (dataclasses.replace(request, case_id=case_id),),
+                  paraphrase_prompts=r.strs("rephrase"),
+                  neighborhood=tuple(neighborhood), source="qaedit")
+
+
 def _user(r: _Record) -> EditCase:
   items = r.record.get("requests") or [r.record]
   if not isinstance(items, list):
@@ -330,11 +315,12 @@ def _user(r: _Record) -> EditCase:
 
 _PARSERS = {"counterfact_flat": _counterfact_flat,
             "counterfact_rome": _counterfact_rome, "zsre": _zsre,
-            "mquake": _mquake, "jsonl": _user}
+            "mquake": _mquake, "qaedit": _qaedit, "jsonl": _user}
 _DATASET_SCHEMAS = {"counterfact": ("counterfact_flat", "counterfact_rome"),
                     "zsre": ("zsre",), "mquake": ("mquake",),
+                    "qaedit": ("qaedit",),
                     "jsonl": ("jsonl", "counterfact_flat", "counterfact_rome",
-                              "zsre", "mquake")}
+                              "zsre", "mquake", "qaedit")}
 
 
 def parse_cases(rows: Iterable[Mapping], dataset: str = "auto",

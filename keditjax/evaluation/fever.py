@@ -50,14 +50,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from typing import Sequence
 
 import numpy as np
-import tqdm
 
-from keditjax import errors
+from keditjax import data, errors
+from keditjax import progress as progress_lib
 
 LABELS = ("SUPPORTS", "REFUTES")
 NEI = "NOT ENOUGH INFO"
@@ -84,7 +83,8 @@ def load(path: str) -> list[Claim]:
   """The SUPPORTS/REFUTES claims of a FEVER jsonl file, unique texts.
 
   Args:
-    path: a FEVER 1.0 jsonl file (`id`, `claim`, `label`, ... per line).
+    path: a FEVER 1.0 jsonl file (`id`, `claim`, `label`, ... per line;
+      optionally .gz) or a `keditjax.data` name ("fever": the bundled dev).
 
   Returns:
     `Claim`s in file order (first occurrence of each text).
@@ -93,12 +93,11 @@ def load(path: str) -> list[Claim]:
     InputError: a missing or empty file, a row that is not a JSON object, or
       a row whose `id`, `claim` or `label` is missing or malformed.
   """
-  if not os.path.isfile(path):
-    raise errors.InputError(f"FEVER file {path!r} does not exist.")
+  path = data.path(path, kind="dataset" if data.is_name(path) else None)
   by_text: dict[str, Claim] = {}
   conflicting: set[str] = set()
   rows = 0
-  with open(path, encoding="utf-8") as f:
+  with data.open_text(path) as f:
     for line_no, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -328,7 +327,7 @@ class EditEvaluation:
       (summary, per_edit): `summarize`'s dict and one record per edit.
     """
     records = []
-    for i, case in enumerate(tqdm.tqdm(self.cases, desc=desc,
+    for i, case in enumerate(progress_lib.bar(self.cases, desc=desc,
                                        disable=not progress)):
       new_params = edit_fn(self.params, case)
       self._check_frozen(new_params)

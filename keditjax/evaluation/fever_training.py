@@ -32,7 +32,7 @@ from keditjax.editors import mend_classifier
 from keditjax.evaluation import fever
 from keditjax.models import fact_checker as fc
 
-DEFAULT_FEVER = "/work/shared/data/fever/fever1.0_paper_dev.jsonl"
+DEFAULT_FEVER = "fever"  # the bundled FEVER 1.0 dev set (keditjax.data)
 
 
 def _shared_config(method: str) -> ml_collections.ConfigDict:

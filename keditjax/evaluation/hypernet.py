@@ -7,7 +7,7 @@ trainer needs: `Recipe(objective, batch_fn, valid_batches, finish)`.
 (enn). The editors hold the math; the recipes bind it to data.
 
 MEND data: `config.data` is "synthetic" (an invented world, for tests and
-the notebook) or a "+"-joined list of edit datasets from ../shared/data,
+the notebook) or a "+"-joined list of bundled edit datasets (keditjax.data),
 e.g. "zsre+counterfact": their *train* files (`zsre-train`,
 `counterfact-train`), `num_train` records in all (split evenly), each an
 `(edit, paraphrase, neighbourhood)` triple. A fixed-seed `num_valid` of them
@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-import json
 import os
 from typing import Any, Callable
 
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from keditjax import errors, sharding, training
+from keditjax import data, errors, sharding, training
 from keditjax.editors import fisher, hypernet_data, mend
 from keditjax.evaluation import cases as cases_lib
 
@@ -119,8 +118,7 @@ def mend_triples(c, model) -> list:
             f"config.data names {name!r}; use 'synthetic' or a '+'-list of "
             "'zsre', 'counterfact'.")
       path = cases_lib.default_path(name + "-train")
-      with open(path) as f:
-        records = json.load(f)[:per]
+      records = data.read_records(path)[:per]
       cases, skipped = [], 0
       for i, record in enumerate(records):
         try:  # a few training records are malformed (an empty answer)

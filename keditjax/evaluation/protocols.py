@@ -27,9 +27,9 @@ from typing import Callable, Sequence
 
 import jax
 import numpy as np
-import tqdm
 
 from keditjax import errors
+from keditjax import progress as progress_lib
 from keditjax.evaluation import evaluator
 from keditjax.evaluation import metrics as M
 from keditjax.evaluation.cases import EditCase, Fact
@@ -204,7 +204,7 @@ def run(model, editor, cases: Sequence[EditCase], protocol: Protocol,
   else:
     size = 1 if protocol.mode == "single" else protocol.batch_size
     groups = [cases[i:i + size] for i in range(0, len(cases), size)]
-    bar = tqdm.tqdm(groups, desc=f"{editor.name} {protocol.mode}",
+    bar = progress_lib.bar(groups, desc=f"{editor.name} {protocol.mode}",
                     disable=not progress, unit="step")
     params, held_at_edit, done = params0, [], []
     for g, group in enumerate(bar):

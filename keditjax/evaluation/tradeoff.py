@@ -14,7 +14,7 @@ import time
 from typing import Callable, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
+from keditjax import progress as progress_lib
 
 from keditjax import errors
 
@@ -54,7 +54,7 @@ def sweep(evaluate: Callable[[str, dict], dict], method: str,
         f"no strength to sweep for {method!r}; methods: {sorted(STRENGTH)}.")
   param = STRENGTH[method][0]
   rows = []
-  for value in tqdm(list(values), desc=f"sweep {method}", disable=not progress):
+  for value in progress_lib.bar(list(values), desc=f"sweep {method}", disable=not progress):
     start = time.perf_counter()
     metrics = evaluate(method, {param: float(value)})
     rows.append({"method": method, "param": param, "value": float(value),

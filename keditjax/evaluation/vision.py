@@ -40,10 +40,10 @@ from typing import Callable, Sequence
 
 import jax
 import numpy as np
-import tqdm
 
 from keditjax import editors as editors_lib
 from keditjax import errors
+from keditjax import progress as progress_lib
 from keditjax.evaluation import metrics as M
 from keditjax.evaluation.vision_data import (KINDS, NEIGHBOURS, ImageEdit,
                                              make_cases, neighbourhood,
@@ -272,7 +272,7 @@ def run_vision(classifier, editor, cases: Sequence[ImageEdit], *,
 
   rows, steps, edit_seconds, accs = [], [], [], []
   params, held_at_edit = params0, []
-  bar = tqdm.tqdm(range(len(cases) if editor is not None else 0),
+  bar = progress_lib.bar(range(len(cases) if editor is not None else 0),
                   disable=not progress, unit="edit",
                   desc=f"{getattr(editor, 'name', 'unedited')} {mode}")
   for i in bar:

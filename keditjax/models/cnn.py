@@ -30,10 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
 from flax import serialization
 
 from keditjax import errors
+from keditjax import progress as progress_lib
 
 _PREDICT_CHUNK = 1024
 
@@ -236,7 +236,7 @@ def train_classifier(train_images, train_labels, *, steps: int = 1500,
   images_dev, labels_dev = jnp.asarray(images), jnp.asarray(labels)
   rng = np.random.default_rng(seed)
   order, cursor = rng.permutation(len(images)), 0
-  bar = tqdm.trange(steps, desc="train cnn", disable=not progress)
+  bar = progress_lib.trange(steps, desc="train cnn", disable=not progress)
   for step in bar:
     if cursor + batch_size > len(order):
       order, cursor = rng.permutation(len(images)), 0

@@ -33,10 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
 from flax import serialization
 
 from keditjax import errors
+from keditjax import progress as progress_lib
 from keditjax.models import bert, layers
 from keditjax.models import sites as sites_lib
 from keditjax.models.config import ModelConfig
@@ -317,7 +317,7 @@ def train(encoder, texts, labels, *, epochs: int = 2, batch_size: int = 32,
   step_fn = make_train_step(config, optimizer)
   rng = np.random.default_rng(seed)
   steps_per_epoch = len(texts) // batch_size
-  bar = tqdm.trange(epochs * steps_per_epoch, desc="train fact checker",
+  bar = progress_lib.trange(epochs * steps_per_epoch, desc="train fact checker",
                     disable=not progress)
   for step in bar:
     if step % steps_per_epoch == 0:

@@ -39,7 +39,7 @@ import ml_collections
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
-from tqdm.auto import tqdm
+from keditjax import progress
 
 from keditjax import errors, sharding
 from keditjax.training import checkpoint as ckpt_lib
@@ -339,7 +339,7 @@ def train(objective: Objective, config, *, batch_fn: Callable[[int], dict],
   start = int(host(state.step))
   seconds = {"compile": None, "steady": None}
   stopped = bool(meta["stopped_early"])
-  bar = tqdm(total=c.steps, initial=start, desc=objective.name,
+  bar = progress.bar(total=c.steps, initial=start, desc=objective.name,
              disable=not c.progress or jax.process_index() != 0)
   steady_start, steady_steps = None, 0
   step = start

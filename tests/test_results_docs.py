@@ -1,0 +1,473 @@
+"""docs/RESULTS.md and the README's result tables say what the stored JSONs say.
+
+Every row of every RESULTS.md table is regenerated from the JSON it names
+(its `JSON` column, or the caption before the table) in docs/results/ or
+docs/benchmarks/, and each number is compared at the precision it is shown
+with: a cell "93.1" must be within 0.05 of the JSON's value. Editing a number
+in either place, adding a table this test does not know, or citing a JSON that
+does not exist fails. Pure Python: no model, no network, well under a second.
+"""
+
+import glob
+import json
+import math
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = os.path.join(ROOT, "docs")
+RESULTS_MD = os.path.join(DOCS, "RESULTS.md")
+NO_JSON = "no stored JSON"
+
+
+# -- parsing ----------------------------------------------------------------
+
+def _read(path):
+  with open(path, encoding="utf-8") as f:
+    return f.read()
+
+
+def _load(rel):
+  """A JSON under docs/ (`rel` as the markdown links it, e.g. results/x.json)."""
+  path = os.path.join(DOCS, rel)
+  assert os.path.exists(path), f"the docs cite {rel}, which does not exist"
+  with open(path) as f:
+    return json.load(f)
+
+
+def _cells(line):
+  return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def tables(text):
+  """[(header, rows, context)] of the markdown tables in `text`.
+
+  rows: [(cells, line number)]; context: the prose between the previous
+  heading (or table) and this table, where a caption names its JSON.
+  """
+  lines = text.split("\n")
+  out, context, i = [], [], 0
+  while i < len(lines):
+    line = lines[i].strip()
+    if (line.startswith("|") and i + 1 < len(lines)
+        and re.match(r"^\|\s*-{3}", lines[i + 1].strip())):
+      header, rows, i = _cells(line), [], i + 2
+      while i < len(lines) and lines[i].strip().startswith("|"):
+        rows.append((_cells(lines[i]), i + 1))
+        i += 1
+      out.append((header, rows, "\n".join(context)))
+      context = []
+      continue
+    context = [] if line.startswith("#") else context + [lines[i]]
+    i += 1
+  return out
+
+
+def _clean(cell):
+  return cell.replace("**", "").replace("−", "-").strip()
+
+
+NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+
+
+def numbers(cell):
+  """The numbers of a cell, each as (value, decimals shown)."""
+  out = []
+  for m in NUMBER.finditer(_clean(cell).replace("known_1000", "")):
+    s = m.group()
+    decimals = len(s.split(".")[1].split("e")[0]) if "." in s else 0
+    out.append((float(s), decimals))
+  return out
+
+
+def shown(cell, value, where, index=0):
+  """The `index`-th number of `cell` is `value` at the precision shown."""
+  if value is None:
+    assert _clean(cell) in ("", "—"), f"{where}: {cell!r} but the JSON has none"
+    return
+  found = numbers(cell)
+  assert len(found) > index, f"{where}: no number in {cell!r} (JSON {value})"
+  got, decimals = found[index]
+  tolerance = 0.5 * 10 ** -decimals + 1e-9
+  assert abs(got - value) <= tolerance, (
+      f"{where}: the doc says {cell!r}, the JSON says {value}")
+
+
+def json_link(cell):
+  m = re.search(r"\]\(((?:results|benchmarks)/[^)]+\.json)\)", cell)
+  return m and m.group(1)
+
+
+def caption_json(context):
+  """The last JSON the caption before a table names."""
+  found = re.findall(r"((?:results|benchmarks)/[\w/.-]+\.json)", context)
+  assert found, "a table with no JSON column needs a caption naming its JSON"
+  return found[-1]
+
+
+# -- the harness tables (experiments.evaluate results.json) -----------------
+
+# A column name -> the metric key, by dataset (None: the same key).
+METRIC_COLUMNS = {
+    "efficacy": {"zsre": "zsre_efficacy", "counterfact": "efficacy_score"},
+    "paraphrase": {"zsre": "zsre_paraphrase",
+                   "counterfact": "paraphrase_score"},
+    "specificity / neighbourhood": {"zsre": "zsre_specificity",
+                                    "counterfact": "neighborhood_score"},
+    "locality acc": "locality_acc",
+    "nq locality acc": "locality_acc",
+    "sr": "sr", "gr": "gr", "rr": "rr",
+    "dd": "dd", "dd (known_1000)": "dd",
+}
+HARNESS_KEYS = ("efficacy_score", "paraphrase_score", "neighborhood_score",
+                "efficacy_magnitude", "fluency", "rewrite_acc", "rephrase_acc",
+                "locality_acc", "sr", "gr", "dd", "rr", "zsre_efficacy",
+                "zsre_paraphrase", "zsre_specificity", "portability_acc")
+
+
+def _metric_key(column, dataset):
+  key = METRIC_COLUMNS.get(column.lower(), column)
+  return key[dataset] if isinstance(key, dict) else key
+
+
+def _protocol(results):
+  p = results["protocol"]
+  if p["mode"] == "unedited":
+    return "unedited"
+  return p["mode"] + (f" ×{p['batch_size']}" if p["batch_size"] > 1 else "")
+
+
+def _check_command(cell, results, where):
+  """The row's `experiments.evaluate` command ran what the JSON records."""
+  flags = dict(re.findall(r"--([\w.]+)=(\S+?)`?(?=\s|$)", cell))
+  command, protocol = results["command"], results["protocol"]
+  method = flags.get("method", "rome")
+  assert (method == "none") == (results["method"] == "unedited"), where
+  if method != "none":
+    assert method == results["method"], where
+  assert flags.get("dataset", "counterfact") == command["dataset"], where
+  assert int(flags["num_edits"]) == command["num_edits"] == results["n"], where
+  if protocol["mode"] != "unedited":
+    assert flags.get("mode", "single") == protocol["mode"], where
+    assert int(flags.get("batch_size", 1)) == protocol["batch_size"], where
+    if protocol["mode"] != "sequential":
+      assert int(flags.get("dd_every", 10)) == protocol["dd_every"], where
+  if "config.mend.checkpoint" in flags:
+    assert flags["config.mend.checkpoint"] == results["hparams"]["checkpoint"], (
+        f"{where}: the command's checkpoint is not the JSON's")
+
+
+def check_harness_row(header, cells, results, where):
+  dataset = results["command"]["dataset"]
+  for column, cell in zip(header, cells):
+    name = column.lower()
+    if name == "method":
+      if header[1] == "protocol":  # results_table's rows: the method's name
+        assert cell == results["method"], where
+      else:  # a description: "FT", "MEND, 750 steps", ...
+        want = "ft" if _clean(cell).startswith("FT") else "mend"
+        assert results["method"] == want, f"{where}: {cell} vs {want}"
+    elif name == "protocol":
+      assert cell == _protocol(results), where
+    elif name == "data":
+      assert {"zsRE": "zsre", "CounterFact": "counterfact"}[cell] == dataset
+    elif name == "n":
+      assert int(cell) == results["n"], where
+    elif name == "time":
+      assert cell.endswith(" min"), where
+      shown(cell, results["timing"]["total_seconds"] / 60, where + " time")
+    elif name == "command":
+      if "experiments.evaluate" in cell:
+        _check_command(cell, results, where)
+    elif name == "json":
+      pass
+    else:
+      key = _metric_key(column, dataset)
+      assert key in HARNESS_KEYS, f"{where}: unknown column {column!r}"
+      shown(cell, results["metrics"].get(key), f"{where} {column}")
+
+
+# -- the other tables -------------------------------------------------------
+
+def _strength(cell):
+  param, value = [s.strip() for s in cell.split("=")]
+  return param, float(value)
+
+
+def _sweep_row(rows, method, strength, where):
+  param, value = _strength(strength)
+  found = [r for r in rows if r["method"] == method and r["param"] == param
+           and math.isclose(r["value"], value, rel_tol=1e-9)]
+  assert len(found) == 1, f"{where}: {method} {strength} is not in the JSON"
+  return found[0]
+
+
+def check_tradeoff_lm(header, rows, data, where):
+  assert header == ["method", "strength", "efficacy", "paraphrase",
+                    "neighbourhood (drop)", "SR", "GR", "DD"]
+  assert len(rows) == len(data["rows"]), f"{where}: not every point is shown"
+  for cells, line in rows:
+    at = f"{where}:{line}"
+    r = _sweep_row(data["rows"], cells[0], cells[1], at)
+    shown(cells[2], r["efficacy_score"], at)
+    shown(cells[3], r["paraphrase_score"], at)
+    shown(cells[4], r["neighborhood_score"], at)
+    shown(cells[4], r["neighborhood_drop"], at + " drop", index=1)
+    shown(cells[5], r["sr"], at)
+    shown(cells[6], r["gr"], at)
+    shown(cells[7], r["dd"], at)
+
+
+def check_tradeoff_vision(header, rows, data, where):
+  assert header == ["method", "strength", "SR", "DD", "GR"]
+  assert len(rows) == len(data["rows"]), f"{where}: not every point is shown"
+  for cells, line in rows:
+    at = f"{where}:{line}"
+    r = _sweep_row(data["rows"], cells[0], cells[1], at)
+    for cell, key in zip(cells[2:], ("sr", "dd", "gr")):
+      shown(cell, r[key], at)
+
+
+VISION_METHODS = {"FT": "ft", "FT-L": "ftl", "FT+KL": "ftkl", "EWC": "ewc"}
+
+
+def check_vision(header, cells, data, where):
+  assert header == ["edits", "method", "SR", "SR at edit", "GR", "DD", "RR",
+                    "command", "JSON"]
+  count = int(cells[0].split()[0])
+  assert count == data["n"], where
+  assert ("successive" in cells[0]) == (data["protocol"]["mode"]
+                                        == "sequential"), where
+  if "vision_edit" in cells[7]:
+    assert f"--num_edits={count}" in cells[7], where
+  methods = [VISION_METHODS[m.strip()] for m in cells[1].split("/")]
+  columns = {2: "sr", 3: "sr_at_edit", 4: "gr", 5: "dd", 6: "rr"}
+  for i, name in enumerate(methods):
+    metrics = data["methods"][name]["metrics"]
+    for col, key in columns.items():
+      parts = cells[col].split(" / ")
+      cell = parts[i] if len(parts) == len(methods) else cells[col]
+      shown(cell, metrics.get(key), f"{where} {name} {header[col]}")
+
+
+FEVER_METHODS = {"KnowledgeEditor": "knowledge_editor", "MEND": "mend",
+                 "FT-L": "ftl"}
+
+
+def check_fever(header, rows, data, where):
+  assert header == ["method", "SR", "GR", "GR, rules never trained on",
+                    "DD (points)", "unchanged verdicts", "training"]
+  assert len(rows) == len(data["methods"])
+  for cells, line in rows:
+    at = f"{where}:{line}"
+    name = FEVER_METHODS[_clean(cells[0]).split()[0]]
+    entry = data["methods"][name]
+    keys = ("sr", "gr", "gr_heldout_rules", "dd", "retained_verdicts")
+    for cell, key in zip(cells[1:6], keys):
+      shown(cell, entry["metrics"][key], f"{at} {key}")
+    if "radius" in entry:
+      shown(re.search(r"radius ([\d.e-]+)", cells[0]).group(1),
+            entry["radius"], at + " radius")
+    training = entry.get("training")
+    if training is None:
+      assert _clean(cells[6]) == "—", at
+      continue
+    m = re.fullmatch(r"(\d+) steps \(best (\d+)\), ([\d.]+) (s|min)",
+                     _clean(cells[6]))
+    assert m, f"{at}: training cell {cells[6]!r}"
+    assert int(m.group(1)) == training["steps"], at
+    assert int(m.group(2)) == training["best_step"], at
+    seconds = training["seconds"] / (60 if m.group(4) == "min" else 1)
+    shown(m.group(3), seconds, at + " training time")
+
+
+ENN_EDITORS = {"FT": "ft", "ENN editor": "enn", "ENN": "enn"}
+ENN_CNNS = {"ordinary": "ordinary", "meta-trained": "enn"}
+
+
+def check_enn(header, rows, data, where):
+  assert header == ["edits", "editor / CNN", "SR", "GR", "DD", "RR"]
+  for cells, line in rows:
+    at = f"{where}:{line}"
+    editor, cnn = [s.strip() for s in _clean(cells[1]).split(" / ")]
+    kind = "successive" if "successive" in cells[0] else "single"
+    metrics = data[kind][f"{ENN_EDITORS[editor]}/{ENN_CNNS[cnn]}"]
+    for cell, key in zip(cells[2:], ("sr", "gr", "dd", "rr")):
+      shown(cell, metrics.get(key), f"{at} {key}")
+
+
+# Tables with no JSON behind them (plans, not measurements).
+NOT_MEASURED = (["row", "estimated time on this CPU"],)
+
+
+def _results_tables():
+  return tables(_read(RESULTS_MD))
+
+
+def test_every_results_table_matches_its_json():
+  checked = 0
+  for header, rows, context in _results_tables():
+    where = f"RESULTS.md table '{' | '.join(header[:4])}'"
+    if header in NOT_MEASURED:
+      continue
+    if header[-1] == "JSON":
+      for cells, line in rows:
+        at = f"RESULTS.md:{line}"
+        assert len(cells) == len(header), f"{at}: {len(cells)} cells"
+        link = json_link(cells[-1])
+        if link is None:
+          assert cells[-1] == NO_JSON, f"{at}: no JSON named"
+          continue
+        data = _load(link)
+        if header[0] == "edits":
+          check_vision(header, cells, data, at)
+        else:
+          check_harness_row(header, cells, data, at)
+        checked += 1
+      continue
+    source = caption_json(context)
+    data = _load(source)
+    if "strength" in header and "efficacy" in header:
+      check_tradeoff_lm(header, rows, data, where)
+    elif "strength" in header:
+      check_tradeoff_vision(header, rows, data, where)
+    elif header[0] == "method" and "unchanged verdicts" in header:
+      check_fever(header, rows, data, where)
+    elif header[1] == "editor / CNN":
+      check_enn(header, rows, data, where)
+    else:
+      pytest.fail(f"{where}: a table this test does not check; add a checker")
+    checked += len(rows)
+  assert checked >= 80
+
+
+def test_rows_without_json_are_the_known_baselines():
+  """Rows quoting numbers no stored JSON backs; each needs its run stored."""
+  missing = [cells[:3] for header, rows, _ in _results_tables()
+             for cells, _ in rows if cells[-1] == NO_JSON]
+  assert missing == [["unedited", "zsRE", "200"]]
+
+
+def test_every_stored_result_is_cited_and_every_citation_exists():
+  text = _read(RESULTS_MD)
+  stored = glob.glob(os.path.join(DOCS, "results", "**", "*.json"),
+                     recursive=True)
+  for path in stored:
+    name = os.path.basename(path)
+    assert name in text, f"RESULTS.md never cites {name}"
+  for rel in re.findall(r"\]\(((?:results|benchmarks)/[^)]+)\)", text):
+    assert os.path.exists(os.path.join(DOCS, rel)), f"{rel} does not exist"
+
+
+def test_prose_numbers_match_the_jsons():
+  text = " ".join(_read(RESULTS_MD).split())
+  # Covariance statistics of every ROME / MEMIT row.
+  tokens = {_load(f"results/{n}.json")["hparams"]["mom2_tokens"]
+            for n in ("rome_cf100", "rome_seq100", "rome_cf20_b5",
+                      "memit_cf500_b100", "memit_seq100_b10",
+                      "memit_cf20_single", "memit_zsre200_b100")}
+  k = int(re.search(r"covariance from (\d+)k WikiText-2 tokens", text).group(1))
+  assert tokens == {1000 * k}
+  # MEND: the network's blocks and rank, and the CounterFact fluency range.
+  first, last, rank = map(int, re.search(
+      r"blocks (\d+)–(\d+), with a rank-(\d+) editor network", text).groups())
+  fluency = []
+  for path in glob.glob(os.path.join(DOCS, "results", "mend_*.json")):
+    with open(path) as f:
+      results = json.load(f)
+    assert results["hparams"]["rank"] == rank, path
+    assert results["hparams"]["layers"] == list(range(first, last + 1)), path
+    if results["command"]["dataset"] == "counterfact":
+      fluency.append(results["metrics"]["fluency"])
+  low, high = re.search(r"n-gram entropy \((\d+)–(\d+) across", text).groups()
+  shown(low, min(fluency), "MEND fluency low")
+  shown(high, max(fluency), "MEND fluency high")
+  # The trade-off's unedited pass on the first 20 records.
+  lm = _load("results/tradeoff_lm.json")["rows"]
+  m = re.search(r"scores efficacy ([\d.]+) and neighbourhood ([\d.]+)", text)
+  assert {r["unedited_efficacy"] for r in lm} == {float(m.group(1))}
+  assert {r["unedited_neighborhood"] for r in lm} == {float(m.group(2))}
+
+
+# -- README -----------------------------------------------------------------
+
+def _readme_table(first_columns):
+  for header, rows, _ in tables(_read(os.path.join(ROOT, "README.md"))):
+    if header[:len(first_columns)] == first_columns:
+      return rows
+  pytest.fail(f"README has no table starting {first_columns}")
+
+
+def test_readme_counterfact200_table_matches_the_benchmark_jsons():
+  rome = _load("benchmarks/rome_counterfact200.json")
+  memit = _load("benchmarks/memit_counterfact200.json")
+  assert rome["unedited"] == memit["unedited"]
+  runs = {"unedited": rome["unedited"], "ROME": rome["edited"],
+          "MEMIT": memit["edited"]}
+  rows = _readme_table(["", "efficacy", "paraphrase", "neighbourhood"])
+  assert len(rows) == 3
+  for cells, line in rows:
+    where = f"README.md:{line}"
+    scores = runs[cells[0].split(",")[0]]
+    for cell, key in zip(cells[1:4], ("efficacy_score", "paraphrase_score",
+                                      "neighborhood_score")):
+      shown(cell, scores[key], where)
+    if cells[0].startswith("ROME"):
+      times = sorted(rome["edit_seconds"])
+      n = len(times)
+      median = (times[(n - 1) // 2] + times[n // 2]) / 2
+      shown(cells[4], median, where + " median")
+      assert f"layer {rome['hparams']['layer']}" in cells[0]
+    elif cells[0].startswith("MEMIT"):
+      shown(cells[4], sum(memit["edit_seconds"]), where + " time")
+      hp = memit["hparams"]
+      lam = re.search(r"λ = (\d+)", cells[0]).group(1)
+      assert int(lam) == hp["lambda_per_unit"] * 1536  # SmolLM2's MLP width
+      assert f"layers {hp['layers'][0]}-{hp['layers'][-1]}" in cells[0]
+
+
+def test_readme_sweep_sentence_matches_the_sweep_json():
+  text = " ".join(_read(os.path.join(ROOT, "README.md")).split())
+  m = re.search(r"gives paraphrase ([\d.]+)-([\d.]+) for λ (\d+)-(\d+)", text)
+  assert m, "the README's MEMIT sweep sentence"
+  rows = [r for r in _load("benchmarks/memit_counterfact200_sweep.json")["rows"]
+          if "ctx" not in r and "extra" not in r]  # the plain λ sweep
+  lams = sorted(r["lambda"] for r in rows)
+  paraphrase = [r["paraphrase_score"] for r in rows]
+  assert (float(m.group(3)), float(m.group(4))) == (lams[0], lams[-1])
+  shown(m.group(1), min(paraphrase), "sweep low")
+  shown(m.group(2), max(paraphrase), "sweep high")
+
+
+def test_readme_benchmark_table_matches_the_benchmark_jsons():
+  forward = _load("benchmarks/forward_cpu.json")["results"]
+  generate = _load("benchmarks/generate_cpu.json")["results"]
+  rows = _readme_table(["task", "batch × length", "compile (s)"])
+  assert len(rows) == len(forward) + len(generate)
+  for cells, line in rows:
+    where = f"README.md:{line}"
+    if cells[0] == "forward":
+      batch, length = (int(x) for x in cells[1].split("×"))
+      [r] = [r for r in forward if (r["batch"], r["length"]) == (batch, length)]
+    else:
+      new = int(re.search(r"\((\d+) new\)", cells[0]).group(1))
+      [r] = [r for r in generate if r["batch"] == int(cells[1])
+             and r["new_tokens"] == new]
+    shown(cells[2], r["compile_s"], where + " compile")
+    shown(cells[3], 1000 * r["steady_s"], where + " steady")
+    shown(cells[4], r["tokens_per_s"], where + " tokens/s")
+
+
+def test_readme_rome_edit_benchmark_sentence_matches_its_json():
+  text = " ".join(_read(os.path.join(ROOT, "README.md")).split())
+  m = re.search(r"edit_rome_cpu\.json` \(`--num_edits=(\d+)`\) has one steady "
+                r"ROME edit at ([\d.]+) s \(([\d.]+) key, ([\d.]+) value, "
+                r"([\d.]+) update\)", text)
+  assert m, "the README's ROME edit benchmark sentence"
+  [r] = _load("benchmarks/edit_rome_cpu.json")["results"]
+  assert int(m.group(1)) == r["num_edits"] and r["steady_edits"] == 1
+  shown(m.group(2), r["steady_s"], "steady edit")
+  for group, phase in zip(m.groups()[2:], ("key", "value", "update")):
+    shown(group, r["steady_phases_s"][phase], phase)
