@@ -38,13 +38,20 @@ class _Lines:
 
   def __init__(self, stream):
     self.stream = stream
+    self.at_line_start = True
 
   def write(self, text: str) -> int:
-    text = text.replace("\r", "\n")
-    while "\n\n" in text:
-      text = text.replace("\n\n", "\n")
-    if text.strip():
-      self.stream.write(text)
+    out = []
+    for ch in text.replace("\r", "\n"):
+      if ch == "\n":
+        if self.at_line_start:  # no blank lines
+          continue
+        self.at_line_start = True
+      else:
+        self.at_line_start = False
+      out.append(ch)
+    if out:
+      self.stream.write("".join(out))
     return len(text)
 
   def flush(self) -> None:

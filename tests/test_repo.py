@@ -124,3 +124,19 @@ def test_packages_import_only_their_lower_layers():
               for used in _keditjax_imports(os.path.join(package_dir, name))
               if used != layer and used not in LAYERS[layer]]
   assert not bad, bad
+
+
+def test_import_keditjax_is_light_and_exposes_submodules_lazily():
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  code = ("import sys, keditjax; print('jax' in sys.modules); "
+          "print(callable(keditjax.models.load), keditjax.data.names()[0]); "
+          "print('keditjax.models' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, text=True,
+                       capture_output=True, check=True,
+                       env=dict(os.environ, PYTHONPATH=ROOT)).stdout.split()
+  assert out == ["False", "True", "counterfact", "True"], out
+  import keditjax  # pylint: disable=import-outside-toplevel
+  with pytest.raises(AttributeError, match="no attribute 'nope'"):
+    keditjax.nope  # pylint: disable=pointless-statement
+  assert {"models", "editors", "evaluation", "data"} <= set(dir(keditjax))

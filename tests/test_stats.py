@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from keditjax import data as keditjax_data
 from keditjax import errors, stats
 from keditjax.kernels import covariance
 from keditjax.models import lm, load
@@ -210,6 +211,8 @@ def test_datasets_corpus(model, corpus, monkeypatch):
     seen.update(name=name, config=config, split=split)
     return data
   monkeypatch.setattr(datasets, "load_dataset", fake_load)
+  # As on a machine with network: the hub answers, then `datasets` loads.
+  monkeypatch.setattr(keditjax_data, "hub_reachable", lambda: (True, ""))
   assert list(stats.corpus_texts("hf:wikitext:wikitext-2-raw-v1:train")) == lines
   assert seen == {"name": "wikitext", "config": "wikitext-2-raw-v1",
                   "split": "train"}
