@@ -167,7 +167,8 @@ def check_harness_row(header, cells, results, where):
       if header[1] == "protocol":  # results_table's rows: the method's name
         assert cell == results["method"], where
       else:  # a description: "FT", "MEND, 750 steps", ...
-        want = "ft" if _clean(cell).startswith("FT") else "mend"
+        want = ("ft" if _clean(cell).startswith("FT") else
+                "unedited" if _clean(cell) == "unedited" else "mend")
         assert results["method"] == want, f"{where}: {cell} vs {want}"
     elif name == "protocol":
       assert cell == _protocol(results), where
@@ -347,7 +348,7 @@ def test_rows_without_json_are_the_known_baselines():
   """Rows quoting numbers no stored JSON backs; each needs its run stored."""
   missing = [cells[:3] for header, rows, _ in _results_tables()
              for cells, _ in rows if cells[-1] == NO_JSON]
-  assert missing == [["unedited", "zsRE", "200"]]
+  assert missing == []
 
 
 def test_every_stored_result_is_cited_and_every_citation_exists():
@@ -384,11 +385,32 @@ def test_prose_numbers_match_the_jsons():
   low, high = re.search(r"n-gram entropy \((\d+)–(\d+) across", text).groups()
   shown(low, min(fluency), "MEND fluency low")
   shown(high, max(fluency), "MEND fluency high")
-  # The trade-off's unedited pass on the first 20 records.
+  # The unedited baselines the prose quotes, and the trade-off's own
+  # unedited pass on the first 20 records.
+  for n, name in ((100, "unedited_cf100"), (20, "unedited_cf20")):
+    m = re.search(rf"(?:first {n} records scores|first {n} it scores) "
+                  r"([\d.]+) / ([\d.]+) / ([\d.]+)", text)
+    assert m, f"the unedited {n}-record sentence"
+    metrics = _load(f"results/{name}.json")["metrics"]
+    for got, key in zip(m.groups(), ("efficacy_score", "paraphrase_score",
+                                     "neighborhood_score")):
+      shown(got, metrics[key], f"{name} {key}")
   lm = _load("results/tradeoff_lm.json")["rows"]
-  m = re.search(r"scores efficacy ([\d.]+) and neighbourhood ([\d.]+)", text)
-  assert {r["unedited_efficacy"] for r in lm} == {float(m.group(1))}
-  assert {r["unedited_neighborhood"] for r in lm} == {float(m.group(2))}
+  cf20 = _load("results/unedited_cf20.json")["metrics"]
+  assert {r["unedited_efficacy"] for r in lm} == {cf20["efficacy_score"]}
+  assert {r["unedited_neighborhood"] for r in lm} == {cf20["neighborhood_score"]}
+  m = re.search(r"unedited on those 50: ([\d.]+) / ([\d.]+) / ([\d.]+)", text)
+  cf50 = _load("results/unedited_cf50.json")["metrics"]
+  for got, key in zip(m.groups(), ("efficacy_score", "paraphrase_score",
+                                   "neighborhood_score")):
+    shown(got, cf50[key], f"unedited_cf50 {key}")
+  m = re.search(r"first 200 zsRE records scores ([\d.]+) / ([\d.]+) / "
+                r"([\d.]+) \(efficacy / paraphrase / specificity\), with "
+                r"portability ([\d.]+)", text)
+  zs = _load("results/unedited_zsre200.json")["metrics"]
+  for got, key in zip(m.groups(), ("zsre_efficacy", "zsre_paraphrase",
+                                   "zsre_specificity", "portability_acc")):
+    shown(got, zs[key], f"unedited_zsre200 {key}")
 
 
 # -- README -----------------------------------------------------------------
@@ -462,12 +484,47 @@ def test_readme_benchmark_table_matches_the_benchmark_jsons():
 
 def test_readme_rome_edit_benchmark_sentence_matches_its_json():
   text = " ".join(_read(os.path.join(ROOT, "README.md")).split())
-  m = re.search(r"edit_rome_cpu\.json` \(`--num_edits=(\d+)`\) has one steady "
-                r"ROME edit at ([\d.]+) s \(([\d.]+) key, ([\d.]+) value, "
-                r"([\d.]+) update\)", text)
+  m = re.search(r"edit_rome_cpu\.json` \(`--num_edits=(\d+)`, the first \d+ "
+                r"CounterFact records\) has (\d+) steady ROME edits \(prompt "
+                r"shapes seen before\) at a median ([\d.]+) s \(([\d.]+) key, "
+                r"([\d.]+) value, ([\d.]+) update\); the (\d+) edits that met a "
+                r"new shape took ([\d.]+) s more", text)
   assert m, "the README's ROME edit benchmark sentence"
   [r] = _load("benchmarks/edit_rome_cpu.json")["results"]
-  assert int(m.group(1)) == r["num_edits"] and r["steady_edits"] == 1
-  shown(m.group(2), r["steady_s"], "steady edit")
-  for group, phase in zip(m.groups()[2:], ("key", "value", "update")):
+  assert int(m.group(1)) == r["num_edits"]
+  assert int(m.group(2)) == r["steady_edits"]
+  shown(m.group(3), r["steady_s"], "steady edit")
+  for group, phase in zip(m.groups()[3:6], ("key", "value", "update")):
     shown(group, r["steady_phases_s"][phase], phase)
+  assert int(m.group(7)) == r["edits_that_compiled"]
+  shown(m.group(8), r["compile_s"], "compile")
+  fresh = {row["process"]: row for row in r["fresh_processes"]}
+  m = re.search(r"with an empty compilation cache the first edit takes "
+                r"([\d.]+) s and edits 2-10 a median of ([\d.]+) s; with the "
+                r"cache warm, ([\d.]+) s and ([\d.]+) s, and the first edit is "
+                r"done ([\d.]+) s after the process starts \(([\d.]+) s", text)
+  assert m, "the README's fresh-process sentence"
+  for group, (process, key) in zip(m.groups(), (
+      ("empty cache", "first_edit_s"), ("empty cache", "median_edits_2_to_n_s"),
+      ("warm cache", "first_edit_s"), ("warm cache", "median_edits_2_to_n_s"),
+      ("warm cache", "first_edit_done_since_start_s"),
+      ("empty cache", "first_edit_done_since_start_s"))):
+    shown(group, fresh[process][key], f"{process} {key}")
+
+def test_readme_main_job_timings_match_their_json():
+  text = " ".join(_read(os.path.join(ROOT, "README.md")).split())
+  m = re.search(r"main_job_cpu\.json`\) prints an edit time of ([\d.]+) s on "
+                r"its first run and ([\d.]+)-([\d.]+) s on later runs \((\d+) "
+                r"runs; (\d+)-(\d+) s for the whole README command\)", text)
+  assert m, "the README's main-job sentence"
+  runs = _load("benchmarks/main_job_cpu.json")["runs"]
+  warm = [r["edit_seconds"] for r in runs if r["compilation_cache"] == "warm"]
+  first = [r["edit_seconds"] for r in runs if r["compilation_cache"] == "empty"
+           and r["command"].startswith("python -m experiments.edit")]
+  shown(m.group(1), first[0], "first run")
+  shown(m.group(2), min(warm), "fastest warm run")
+  shown(m.group(3), max(warm), "slowest warm run")
+  assert int(m.group(4)) == len(warm)
+  walls = [r["wall_s"] for r in runs if r["compilation_cache"] == "warm"
+           and "wall_s" in r]
+  assert (int(m.group(5)), int(m.group(6))) == (min(walls), max(walls))
