@@ -60,8 +60,10 @@ def test_value_loop_variants_agree_with_the_default(variant):
   model = make_tiny_lm(num_layers=4, seed=1)
   request = base.make_request({"prompt": "The capital of Norway is",
                                "subject": "Norway", "target_new": "Rome"})
+  # The unrolled loop is the reference (scanned prefill and v* blocks are
+  # the default).
   hp = compute.ValueHParams(steps=4, lr=0.1, weight_decay=0.0,
-                            clamp_norm_factor=1e4)
+                            clamp_norm_factor=1e4, scan_layers=False)
   run = lambda hp: compute.optimize_values(
       model, model.params, [request], ("{}", "A prefix. {}"), layer=1,
       site_kind="resid", hp=hp)
