@@ -29,10 +29,11 @@ from keditjax import editors, errors, models
 from keditjax.evaluation import cases as cases_lib
 from keditjax.evaluation import protocols, report
 
-DATASETS = ("counterfact", "zsre", "mquake", "jsonl")
+DATASETS = ("counterfact", "zsre", "mquake", "qaedit", "jsonl")
 FAMILIES = {"counterfact": ("counterfact", "token", "survey"),
             "zsre": ("zsre", "token", "survey"),
             "mquake": ("counterfact", "token", "survey"),
+            "qaedit": ("zsre", "token", "survey"),
             "jsonl": ("counterfact", "token", "zsre", "survey")}
 
 flags.DEFINE_string("model", models.DEFAULT_MODEL, "Model to edit (name, path or hf:dir).")
@@ -74,7 +75,7 @@ def heldout_facts(dataset, data_path, edited_end):
   if choice == "known_1000":
     return cases_lib.load_facts(None, limit=size)
   if choice == "auto":
-    if dataset == "jsonl":
+    if dataset in ("jsonl", "qaedit"):  # no old answers to hold out
       return None
     path = data_path or cases_lib.default_path(dataset)
     facts = cases_lib.load_facts(path, limit=size, start=edited_end)
@@ -115,7 +116,8 @@ def main(argv):
   results = protocols.run(model, editor, cases, protocol, heldout=heldout)
   results["command"] = {"model": FLAGS.model, "dataset": FLAGS.dataset,
                         "data_path": FLAGS.data_path, "start": FLAGS.start,
-                        "num_edits": FLAGS.num_edits}
+                        "num_edits": FLAGS.num_edits, "heldout": FLAGS.heldout,
+                        "heldout_size": FLAGS.heldout_size}
   if editor is not None:
     # The editor's own hparams: for MEND, the loaded network's rank and layers.
     results["hparams"] = dataclasses.asdict(editor.hparams)

@@ -36,10 +36,19 @@ def command(results: dict) -> str:
   parts = ["python -m experiments.evaluate", f"--method={results['method']}"
            if results["method"] != "unedited" else "--method=none",
            f"--dataset={c.get('dataset')}", f"--num_edits={c.get('num_edits')}"]
+  checkpoint = (results.get("hparams") or {}).get("checkpoint")
+  if checkpoint:
+    parts.append(f"--config.{results['method']}.checkpoint={checkpoint}")
   if p["mode"] != "unedited":
     parts.append(f"--mode={p['mode']}")
     if p.get("batch_size", 1) != 1:
       parts.append(f"--batch_size={p['batch_size']}")
+    if p.get("dd_every") not in (None, 10):
+      parts.append(f"--dd_every={p['dd_every']}")
+  if c.get("heldout", "auto") != "auto":
+    parts.append(f"--heldout={c['heldout']}")
+  if c.get("heldout_size", 100) != 100:
+    parts.append(f"--heldout_size={c['heldout_size']}")
   return " ".join(parts)
 
 

@@ -92,8 +92,25 @@ def test_evaluate_command_ftl_with_config_overrides(tmp_path):
   assert results["hparams"]["params_regex"] == "^layers_5/mlp/down_proj/kernel$"
   assert results["hparams"]["radius"] == 0.004
   assert results["metrics"]["efficacy_score"] == 100.0
+  assert results["command"]["heldout"] == "none"  # the run can be repeated
   bad = subprocess.run(cmd[:-1] + ["--config.ftl.radius=0",
                                    f"--output_dir={tmp_path / 'bad'}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert bad.returncode != 0 and "radius=0" in bad.stderr
   assert not (tmp_path / "bad").exists()
+
+
+def test_evaluate_command_on_bundled_qaedit(tmp_path):
+  """QAEdit questions through the harness (zsRE-style token accuracies; no
+  old answers, so no held-out DD by default)."""
+  out = tmp_path / "qa"
+  cmd = [sys.executable, "-m", "experiments.evaluate", "--method=none",
+         "--dataset=qaedit", "--num_edits=2", f"--output_dir={out}"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                        timeout=600, env=dict(os.environ, KEDITJAX_PROGRESS="0"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((out / "results.json").read_text())
+  assert results["n"] == 2 and results["command"]["dataset"] == "qaedit"
+  m = results["metrics"]
+  assert 0 <= m["zsre_efficacy"] < 100 and m["locality_acc"] == 100.0
+  assert "dd" not in m or m["dd"] in (0.0, None)

@@ -408,3 +408,12 @@ def test_results_table_rows_name_the_reproducing_command():
   assert "| 97.0 |  | 91.5 | 2.0 min |" in row
   assert ("`python -m experiments.evaluate --method=memit --dataset=counterfact "
           "--num_edits=100 --mode=sequential --batch_size=10`") in row
+  # Every flag the JSON records that changes the run is in the command.
+  results.update(method="mend", hparams={"checkpoint": "runs/m"},
+                 protocol={"mode": "single", "batch_size": 1, "dd_every": 1},
+                 command={"dataset": "zsre", "num_edits": 30,
+                          "heldout": "known_1000", "heldout_size": 1000})
+  assert results_table.command(results) == (
+      "python -m experiments.evaluate --method=mend --dataset=zsre "
+      "--num_edits=30 --config.mend.checkpoint=runs/m --mode=single "
+      "--dd_every=1 --heldout=known_1000 --heldout_size=1000")
