@@ -86,14 +86,14 @@ def bench_edit(model, params, compiles):
       phases.append(phase)
   steady_s = statistics.median(s for s, _ in steady) if steady else float("nan")
   row = {"method": _METHOD.value, "num_edits": _NUM_EDITS.value, "init_s": init_s,
-           "per_edit": per_edit,
-           "edits_that_compiled": len(compiled),
-           "compiles": sum(c for _, c in compiled),
-           "compile_s": (statistics.mean(s for s, _ in compiled) - steady_s) if compiled else 0.0,
-           "steady_edits": len(steady), "steady_s": steady_s,
-           "steady_phases_s": {k: statistics.median(p[k] for p in phases)
-                               for k in (phases[0] if phases else {})},
-           "peak_rss_mb": _peak_rss_mb()}
+         "per_edit": per_edit,
+         "edits_that_compiled": len(compiled),
+         "compiles": sum(c for _, c in compiled),
+         "compile_s": (statistics.mean(s for s, _ in compiled) - steady_s) if compiled else 0.0,
+         "steady_edits": len(steady), "steady_s": steady_s,
+         "steady_phases_s": {k: statistics.median(p[k] for p in phases)
+                             for k in (phases[0] if phases else {})},
+         "peak_rss_mb": _peak_rss_mb()}
   row["fresh_processes"] = fresh_process_rows() if _FRESH.value else []
   return [row]
 

@@ -168,11 +168,6 @@ def _corpus_files(corpus) -> list[str]:
   return files
 
 
-def _hf_corpus(spec: str) -> Corpus:
-  """`hf:NAME`, `hf:NAME:SPLIT` or `hf:NAME:CONFIG:SPLIT` via `datasets`."""
-  return _dataset_corpus(data.load_hf(spec), spec)
-
-
 def _dataset_corpus(dataset, description: str) -> Corpus:
   columns = getattr(dataset, "column_names", None) or []
   if "text" not in columns:
@@ -204,7 +199,8 @@ def resolve_corpus(corpus=None) -> Corpus:
   if isinstance(corpus, str) and data.is_name(corpus):
     corpus = data.path(corpus, kind="corpus")
   if isinstance(corpus, str) and corpus.startswith("hf:"):
-    return _hf_corpus(corpus)
+    # hf:NAME[:CONFIG]:SPLIT, a saved directory or a hub id (network checked)
+    return _dataset_corpus(data.load_hf(corpus), corpus)
   if hasattr(corpus, "column_names"):  # a datasets.Dataset
     name = getattr(getattr(corpus, "info", None), "dataset_name", None)
     return _dataset_corpus(corpus, f"datasets.Dataset({name or ''})")

@@ -90,7 +90,8 @@ def path(spec: str, kind: str | None = None) -> str:
   Args:
     spec: a name from `names()`, or a path (returned as given once it
       exists). `hf:` specs are not paths: use `read_records` / `load_hf`.
-    kind: when set, a name must be of this kind ("dataset" or "corpus").
+    kind: when set, a name must be of this kind ("dataset" or "corpus");
+      paths are not checked.
 
   Raises:
     InputError: an unknown name (the known ones are listed), a name of the
@@ -177,7 +178,7 @@ def read_records(spec: str) -> list:
   """
   if isinstance(spec, str) and spec.startswith("hf:"):
     return list(load_hf(spec))
-  file = path(spec, kind="dataset" if is_name(spec) else None)
+  file = path(spec, kind="dataset")
   rows = read_json_file(file)
   if isinstance(rows, Mapping):
     rows = rows.get("data", list(rows.values()))

@@ -152,10 +152,6 @@ class _Record:
       raise errors.InputError(f"{self.where}: field {field!r}: {e}") from None
 
 
-def _read_rows(spec: str) -> list:
-  return data.read_records(spec)
-
-
 def detect_schema(record: Mapping) -> str:
   """Which layout a record uses (from its keys)."""
   if not isinstance(record, Mapping):
@@ -362,7 +358,7 @@ def load_cases(dataset: str, path: str | None = None, limit: int | None = None,
     InputError: missing file, invalid JSON, or a malformed record (named).
   """
   path = path or default_path(dataset)
-  rows = _read_rows(path)
+  rows = data.read_records(path)
   if start < 0 or (limit is not None and limit < 1):
     raise errors.InputError(f"start={start}, limit={limit}: need start >= 0 "
                             "and limit >= 1.")
@@ -379,7 +375,7 @@ def load_facts(path: str | None = None, limit: int | None = None,
     InputError: missing file or a malformed record (named).
   """
   path = path or default_path("known_1000")
-  rows = _read_rows(path)
+  rows = data.read_records(path)
   end = None if limit is None else start + limit
   facts = []
   for i, row in enumerate(rows[start:end]):
@@ -420,7 +416,7 @@ def load_claims(path: str | None = None,
     raise errors.InputError(f"unknown FEVER labels {unknown}; use {LABELS}.")
   path = path or default_path("fever")
   claims = []
-  for i, row in enumerate(_read_rows(path)):
+  for i, row in enumerate(data.read_records(path)):
     r = _Record(f"{path} record {i}", row)
     label = r.str("label")
     if label not in LABELS:

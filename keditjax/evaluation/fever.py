@@ -93,7 +93,7 @@ def load(path: str) -> list[Claim]:
     InputError: a missing or empty file, a row that is not a JSON object, or
       a row whose `id`, `claim` or `label` is missing or malformed.
   """
-  path = data.path(path, kind="dataset" if data.is_name(path) else None)
+  path = data.path(path, kind="dataset")  # kind applies to names only
   by_text: dict[str, Claim] = {}
   conflicting: set[str] = set()
   rows = 0
