@@ -528,3 +528,19 @@ def test_readme_main_job_timings_match_their_json():
   walls = [r["wall_s"] for r in runs if r["compilation_cache"] == "warm"
            and "wall_s" in r]
   assert (int(m.group(5)), int(m.group(6))) == (min(walls), max(walls))
+
+
+def test_readme_scan_claim_matches_the_two_edit_benchmarks():
+  text = " ".join(_read(os.path.join(ROOT, "README.md")).split())
+  m = re.search(r"costs ([\d.]+) s more than a steady edit \(`docs/benchmarks/"
+                r"edit_rome_cpu\.json`\), against ([\d.]+) s with the layers "
+                r"unrolled \(`docs/benchmarks/(edit_rome_cpu_unrolled_\w+)"
+                r"\.json`, the previous default\), and the steady edit is no "
+                r"slower \(([\d.]+) s against ([\d.]+) s\)", text)
+  assert m, "the README's scanned-layers sentence"
+  [new] = _load("benchmarks/edit_rome_cpu.json")["results"]
+  [old] = _load(f"benchmarks/{m.group(3)}.json")["results"]
+  shown(m.group(1), new["compile_s"], "scanned compile")
+  shown(m.group(2), old["compile_s"], "unrolled compile")
+  shown(m.group(4), new["steady_s"], "scanned steady")
+  shown(m.group(5), old["steady_s"], "unrolled steady")

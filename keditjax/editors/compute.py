@@ -296,9 +296,10 @@ class ValueHParams:
       see `keditjax.models.precision`).
     scan_layers: run the prefix pass and the blocks above the edit layer
       as one `lax.scan` each (`lm.prefill_scanned`, `lm.run_scanned`):
-      traces and compiles several times faster (a new prompt shape costs
-      ~1 s instead of ~5 s on SmolLM2, CPU) at about the same step time.
-      The default; False unrolls the layers.
+      traces and compiles about twice as fast (a ROME edit meeting a new
+      prompt shape: +3.7 s instead of +7.4 s on SmolLM2, CPU;
+      docs/benchmarks/edit_rome_cpu*.json) at no cost in step time. The
+      default; False unrolls the layers.
   """
   steps: int = 20
   lr: float = 0.5
