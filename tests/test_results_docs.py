@@ -482,14 +482,20 @@ def test_readme_benchmark_table_matches_the_benchmark_jsons():
     shown(cells[4], r["tokens_per_s"], where + " tokens/s")
 
 
-def test_readme_rome_edit_benchmark_sentence_matches_its_json():
+def _readme_match(pattern, what):
+  """The README (whitespace collapsed) matched against `pattern`."""
   text = " ".join(_read(os.path.join(ROOT, "README.md")).split())
-  m = re.search(r"edit_rome_cpu\.json` \(`--num_edits=(\d+)`, the first \d+ "
+  m = re.search(pattern, text)
+  assert m, f"the README's {what}"
+  return m, text
+
+
+def test_readme_rome_edit_benchmark_sentence_matches_its_json():
+  m, text = _readme_match(r"edit_rome_cpu\.json` \(`--num_edits=(\d+)`, the first \d+ "
                 r"CounterFact records\) has (\d+) steady ROME edits \(prompt "
                 r"shapes seen before\) at a median ([\d.]+) s \(([\d.]+) key, "
                 r"([\d.]+) value, ([\d.]+) update\); the (\d+) edits that met a "
-                r"new shape took ([\d.]+) s more", text)
-  assert m, "the README's ROME edit benchmark sentence"
+                r"new shape took ([\d.]+) s more", "ROME edit benchmark sentence")
   [r] = _load("benchmarks/edit_rome_cpu.json")["results"]
   assert int(m.group(1)) == r["num_edits"]
   assert int(m.group(2)) == r["steady_edits"]
@@ -511,12 +517,12 @@ def test_readme_rome_edit_benchmark_sentence_matches_its_json():
       ("empty cache", "first_edit_done_since_start_s"))):
     shown(group, fresh[process][key], f"{process} {key}")
 
+
 def test_readme_main_job_timings_match_their_json():
-  text = " ".join(_read(os.path.join(ROOT, "README.md")).split())
-  m = re.search(r"main_job_cpu\.json`\) prints an edit time of ([\d.]+) s on "
+  m, _ = _readme_match(r"main_job_cpu\.json`\) prints an edit time of ([\d.]+) s on "
                 r"its first run and ([\d.]+)-([\d.]+) s on later runs \((\d+) "
-                r"runs; (\d+)-(\d+) s for the whole README command\)", text)
-  assert m, "the README's main-job sentence"
+                r"runs; (\d+)-(\d+) s for the whole README command\)",
+                    "main-job sentence")
   runs = _load("benchmarks/main_job_cpu.json")["runs"]
   warm = [r["edit_seconds"] for r in runs if r["compilation_cache"] == "warm"]
   first = [r["edit_seconds"] for r in runs if r["compilation_cache"] == "empty"
@@ -531,13 +537,12 @@ def test_readme_main_job_timings_match_their_json():
 
 
 def test_readme_scan_claim_matches_the_two_edit_benchmarks():
-  text = " ".join(_read(os.path.join(ROOT, "README.md")).split())
-  m = re.search(r"costs ([\d.]+) s more than a steady edit \(`docs/benchmarks/"
+  m, _ = _readme_match(r"costs ([\d.]+) s more than a steady edit \(`docs/benchmarks/"
                 r"edit_rome_cpu\.json`\), against ([\d.]+) s with the layers "
                 r"unrolled \(`docs/benchmarks/(edit_rome_cpu_unrolled_\w+)"
                 r"\.json`, the previous default\), and the steady edit is no "
-                r"slower \(([\d.]+) s against ([\d.]+) s\)", text)
-  assert m, "the README's scanned-layers sentence"
+                r"slower \(([\d.]+) s against ([\d.]+) s\)",
+                    "scanned-layers sentence")
   [new] = _load("benchmarks/edit_rome_cpu.json")["results"]
   [old] = _load(f"benchmarks/{m.group(3)}.json")["results"]
   shown(m.group(1), new["compile_s"], "scanned compile")
