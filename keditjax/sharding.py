@@ -29,6 +29,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from keditjax import errors
+from keditjax.models import adapters as adapters_lib
 from keditjax.models import lm, registry
 from keditjax.models import sites as sites_lib
 from keditjax.models.config import ModelConfig
@@ -172,9 +173,13 @@ class ShardedForward:
 
   def __call__(self, params, tokens_BxL, attention_mask_BxL=None,
                positions_BxL=None, sites=sites_lib.NO_SITES):
+    # Adapters ride in `sites`, replicated (a codebook is small next to the
+    # weights); the weights keep the layout of `param_shardings`.
+    params, adapters = adapters_lib.split(params)
+    sites = sites.with_adapters(adapters)
     batch = tokens_BxL.shape[0]
     pad = -batch % self.mesh.shape["data"]
-    if pad and jax.tree.leaves(sites):
+    if pad and jax.tree.leaves((sites.patches, sites.capture_positions)):
       raise errors.ShardingError(
           f"batch {batch} is not divisible by the data axis "
           f"({self.mesh.shape['data']}) and sites are patched; use a batch "

@@ -140,10 +140,11 @@ def test_site_to_parameter_map(tiny_llama):
   assert m.site_param("embed") == ("embed_tokens", "embedding")
   paths = set(flatten(m.params))
   for name in m.site_names():
-    if not name.endswith("resid"):
+    if not name.endswith(("resid", "mlp/in")):
       assert "/".join(m.site_param(name)) in paths
-  with pytest.raises(errors.SiteError, match="no single parameter"):
-    m.site_param("layer/0/resid")
+  for site in ("layer/0/resid", "layer/0/mlp/in"):
+    with pytest.raises(errors.SiteError, match="no single parameter"):
+      m.site_param(site)
 
 
 @pytest.mark.parametrize("name", ["layer/9/mlp/key", "layer/0/mlp/keys",

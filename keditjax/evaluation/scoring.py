@@ -93,6 +93,8 @@ def teacher_forced(model, params, prompts: Sequence[str],
     One `Scored` per pair, in input order.
   """
   pairs = tokenize_pairs(model, prompts, targets)
+  if hasattr(model, "check_params"):
+    model.check_params(params)
   order = sorted(range(len(pairs)), key=lambda i: sum(map(len, pairs[i])))
   out: list[Scored | None] = [None] * len(pairs)
   limit = model.config.max_position_embeddings

@@ -64,6 +64,8 @@ def load_hf(name_or_path: str, *, strict: bool = True, dtype=np.float32):
       directory, bos_id=config.bos_token_id,
       eos_id=eos[0] if isinstance(eos, tuple) else eos,
       pad_id=config.pad_token_id)
+  from keditjax.models import adapters
+  params = adapters.load(directory, params)  # keditjax's format: + adapters
   if not config.is_decoder:
     from keditjax.models.bert import Encoder
     return Encoder(config, params, tokenizer, name=f"hf:{name_or_path}")
@@ -100,12 +102,44 @@ def load(name: str = DEFAULT_MODEL, *, strict: bool = True, dtype=np.float32):
       "'hf:<hub id or directory>' or 'gguf:<path>'.")
 
 
-def save(model, directory: str, params=None, *, overwrite: bool = False) -> str:
-  """Exports `model` (with `params`, default its own) as a HF directory."""
-  from keditjax.models import hf
-  return hf.save_hf(directory, model.config,
-                    model.params if params is None else params,
-                    model.tokenizer, overwrite=overwrite)
+def save(model, directory: str, params=None, *, overwrite: bool = False,
+         format: str = "hf") -> str:  # pylint: disable=redefined-builtin
+  """Exports `model` (with `params`, default its own).
+
+  Args:
+    model: the model (config and tokenizer).
+    directory: where to write.
+    params: the parameter pytree (default `model.params`).
+    overwrite: replace an existing checkpoint.
+    format: "hf": a Hugging Face directory transformers can load, which
+      refuses params with adapters (transformers could not run them);
+      "keditjax": the same directory plus `adapters.safetensors` and
+      `adapters.json`, which `load("hf:<directory>")` restores.
+
+  Returns:
+    The directory.
+  """
+  from keditjax.models import adapters, hf
+  params = model.params if params is None else params
+  if format not in ("hf", "keditjax"):
+    raise errors.InputError(f"format={format!r}; use 'hf' or 'keditjax'.")
+  weights, table = adapters.split(params)
+  if format == "hf" and table:
+    kinds = sorted({f"{a.kind} at {site}" for site, stack in table.items()
+                    for a in stack})
+    raise errors.CheckpointError(
+        f"params carry adapters ({', '.join(kinds)}), which the Hugging Face "
+        "format cannot hold; save with format='keditjax' (weights plus "
+        "adapters.safetensors), or remove the adapters.")
+  out = hf.save_hf(directory, model.config, weights, model.tokenizer,
+                   overwrite=overwrite)
+  if table:
+    adapters.save(directory, params)
+  else:  # an overwritten checkpoint must not keep old adapters
+    for name in ("adapters.json", "adapters.safetensors"):
+      if os.path.exists(os.path.join(directory, name)):
+        os.remove(os.path.join(directory, name))
+  return out
 
 
 __all__ = ["DEFAULT_MODEL", "LanguageModel", "ModelConfig", "Patch", "Sites",

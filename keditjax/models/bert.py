@@ -77,8 +77,9 @@ class Layer(nn.Module):
     attn_BxLxD = SelfAttention(c, name="attention")(x_BxLxD, mask)
     attn_BxLxD = sites.visit(f"{site}/attn/out", attn_BxLxD, out)
     x_BxLxD = layers.layer_norm(c, "attention_norm")(x_BxLxD + attn_BxLxD)
+    in_BxLxD = sites.visit(f"{site}/mlp/in", x_BxLxD, out)
     key_BxLxF = layers.activation(c.activation)(
-        layers.dense(c.intermediate_size, "intermediate", True)(x_BxLxD))
+        layers.dense(c.intermediate_size, "intermediate", True)(in_BxLxD))
     key_BxLxF = sites.visit(f"{site}/mlp/key", key_BxLxF, out)
     value_BxLxD = layers.dense(c.hidden_size, "output", True)(key_BxLxF)
     value_BxLxD = sites.visit(f"{site}/mlp/value", value_BxLxD, out)

@@ -247,6 +247,11 @@ def save_hf(directory: str, config: ModelConfig, params, tokenizer=None, *,
     The directory.
   """
   from safetensors.numpy import save_file
+  if isinstance(params, dict) and "adapters" in params:
+    raise errors.CheckpointError(
+        f"params carry adapters at {sorted(params['adapters'])}; the Hugging "
+        "Face format cannot hold them (use models.save(..., "
+        "format='keditjax')).")
   if os.path.exists(os.path.join(directory, "config.json")) and not overwrite:
     raise errors.CheckpointError(
         f"{directory} already holds a checkpoint; pass overwrite=True or pick "

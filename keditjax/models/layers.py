@@ -140,6 +140,7 @@ class GeluMLP(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD, sites, out: dict):
     c = self.config
+    x_BxLxD = sites.visit(f"layer/{self.layer}/mlp/in", x_BxLxD, out)
     key_BxLxF = activation(c.activation)(
         dense(c.intermediate_size, self.in_name, True)(x_BxLxD))
     key_BxLxF = sites.visit(f"layer/{self.layer}/mlp/key", key_BxLxF, out)

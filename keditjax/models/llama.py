@@ -55,6 +55,7 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD, sites: Sites, out: dict):
     c = self.config
+    x_BxLxD = sites.visit(f"layer/{self.layer}/mlp/in", x_BxLxD, out)
     gate = layers.dense(c.intermediate_size, "gate_proj", c.mlp_bias)(x_BxLxD)
     up = layers.dense(c.intermediate_size, "up_proj", c.mlp_bias)(x_BxLxD)
     key_BxLxF = layers.activation(c.activation)(gate) * up

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from keditjax import errors
+from keditjax.models import adapters as adapters_lib
 from keditjax.models import layers, registry
 from keditjax.models import sites as sites_lib
 from keditjax.models.config import ModelConfig
@@ -26,6 +27,20 @@ from keditjax.models.sites import Sites
 def bucket(n: int, multiple: int = 16) -> int:
   """Rounds `n` up to a multiple of `multiple` so shapes (and compiles) repeat."""
   return max(multiple, -(-n // multiple) * multiple)
+
+
+def apply_module(config: ModelConfig, params, *args,
+                 sites: Sites = sites_lib.NO_SITES, **kwargs):
+  """`module.apply` of the architecture, honouring `params["adapters"]`.
+
+  The one place every decoder pass (forward, partial, scoring, generation)
+  goes through: adapters are split off the params and applied at their
+  sites (see `keditjax.models.adapters`).
+  """
+  params, adapters = adapters_lib.split(params)
+  module = registry.get_arch(config.arch).module(config)
+  return module.apply({"params": params}, *args,
+                      sites=sites.with_adapters(adapters), **kwargs)
 
 
 def run(config: ModelConfig, params, tokens_BxL=None, *, hidden=None,
@@ -46,8 +61,7 @@ def run(config: ModelConfig, params, tokens_BxL=None, *, hidden=None,
   Returns:
     `(logits or residual stream, captures, new cache or None)`.
   """
-  module = registry.get_arch(config.arch).module(config)
-  return module.apply({"params": params}, tokens_BxL, positions=positions,
+  return apply_module(config, params, tokens_BxL, positions=positions,
                       attention_mask=attention_mask, sites=sites, cache=cache,
                       hidden=hidden, start_layer=start_layer,
                       stop_layer=stop_layer, logit_positions=logit_positions)
@@ -78,7 +92,9 @@ def run_scanned(config: ModelConfig, params, hidden, *, start_layer: int,
   Equal to `run(..., hidden=hidden, start_layer=start_layer)` but traced
   once per block instead of once per layer, so a jitted loop over many
   blocks (the v* optimisation) compiles in seconds. No sites; the cache is
-  read, not returned.
+  read, not returned. Params with adapters run the unrolled `run` instead
+  (adapters sit at one layer's sites, which a scan over layers cannot
+  address), with the same result.
 
   Args:
     config, params: the model.
@@ -91,6 +107,11 @@ def run_scanned(config: ModelConfig, params, hidden, *, start_layer: int,
   Returns:
     logits `[B, T or L, V]`.
   """
+  if adapters_lib.has_adapters(params):
+    logits, _, _ = run(config, params, hidden=hidden, start_layer=start_layer,
+                       attention_mask=attention_mask, cache=cache,
+                       logit_positions=logit_positions)
+    return logits
   x_BxLxD, _, _ = _scan_blocks(config, params, hidden, start_layer,
                                 attention_mask, cache, stacked,
                                 keep_cache=False)
@@ -135,6 +156,9 @@ def prefill_scanned(config: ModelConfig, params, tokens_BxL, *,
   Returns:
     The cache after the pass (`layers.finish_cache`).
   """
+  if adapters_lib.has_adapters(params):  # see run_scanned
+    return run(config, params, tokens_BxL, attention_mask=attention_mask,
+               cache=cache)[2]
   embedded_BxLxD, _, _ = run(config, params, tokens_BxL, stop_layer=0,
                              attention_mask=attention_mask)
   _, stacked_caches, cache_pos = _scan_blocks(
@@ -162,8 +186,7 @@ def forward(config: ModelConfig, params, tokens_BxL, attention_mask_BxL=None,
   Returns:
     logits `[B, L, V]` (float32) and a dict of captured activations.
   """
-  module = registry.get_arch(config.arch).module(config)
-  logits, out, _ = module.apply({"params": params}, tokens_BxL,
+  logits, out, _ = apply_module(config, params, tokens_BxL,
                                 positions=positions_BxL,
                                 attention_mask=attention_mask_BxL, sites=sites)
   return logits, out
@@ -225,13 +248,13 @@ def generate_tokens(config: ModelConfig, params, tokens_BxP, mask_BxP, rng,
   Returns:
     int32 `[B, max_new_tokens]` new token ids.
   """
-  module = registry.get_arch(config.arch).module(config)
   batch = tokens_BxP.shape[0]
   cache = layers.init_cache(config, batch, cache_size,
-                            jax.tree.leaves(params)[0].dtype)
+                            jax.tree.leaves(adapters_lib.split(params)[0])[0]
+                            .dtype)
 
   def step(params, tokens, mask, cache):
-    logits, _, cache = module.apply({"params": params}, tokens,
+    logits, _, cache = apply_module(config, params, tokens,
                                     attention_mask=mask, cache=cache)
     return logits[:, -1], cache
 
@@ -286,6 +309,11 @@ class ModelBase:
     """The parameter path a site writes (`mlp/value` -> MLP output kernel)."""
     return registry.site_param_path(self.config, site)
 
+  def check_params(self, params):
+    """Raises `SiteError` for adapters at sites this model does not have."""
+    adapters_lib.validate(adapters_lib.split(params)[1],
+                          self.config.num_layers, sites_lib.SITE_KINDS)
+
   def _check_tokens(self, tokens):
     if isinstance(tokens, jax.core.Tracer):
       return tokens
@@ -331,6 +359,7 @@ class LanguageModel(ModelBase):
       positions: explicit positions (default: from the mask).
     """
     tokens_BxL = self._check_tokens(tokens_BxL)
+    self.check_params(params)
     if sites is not None:
       sites.validate(self.config.num_layers)
     logits, out = self._forward(params, tokens_BxL, attention_mask, positions,
@@ -382,6 +411,7 @@ class LanguageModel(ModelBase):
     if reduction not in ("sum", "mean", "none"):
       raise errors.InputError(f"reduction={reduction!r}; use sum, mean or none.")
     pairs = self._pair_ids(prompts, continuations)
+    self.check_params(params)
     per_token = []
     for start in range(0, len(pairs), batch_size):
       chunk = pairs[start:start + batch_size]
@@ -426,6 +456,7 @@ class LanguageModel(ModelBase):
     """
     if max_new_tokens < 1:
       raise errors.InputError(f"max_new_tokens={max_new_tokens} must be >= 1.")
+    self.check_params(params)
     # One prompt is a str or a list of ids; several are a list of those.
     single = isinstance(prompt, str) or (
         len(prompt) > 0 and isinstance(prompt[0], (int, np.integer)))

@@ -6,9 +6,14 @@ knowledge neurons and the architectural editors:
 
   - `embed`                 token (and position) embeddings entering block 0,
   - `layer/{l}/attn/out`    the attention output (after its output projection),
+  - `layer/{l}/mlp/in`      the MLP input (after the block's norm),
   - `layer/{l}/mlp/key`     the input of the MLP output projection (ROME's k),
   - `layer/{l}/mlp/value`   the output of the MLP output projection (ROME's v),
   - `layer/{l}/resid`       the residual stream after block `l`.
+
+Adapters (`keditjax.models.adapters`) stored in `params["adapters"]` are
+applied at their site before any patch; `lm` moves them into `Sites.adapters`
+so the architectures need no other hook.
 
 A `Sites` value is a pytree: patch values and positions are traced leaves, the
 capture list and patch modes are static. So `jax.jit`, `jax.grad` (w.r.t. a
@@ -27,8 +32,13 @@ import jax.numpy as jnp
 
 from keditjax import errors
 
-SITE_KINDS = ("attn/out", "mlp/key", "mlp/value", "resid")
-_LAYER_SITE_RE = re.compile(r"^layer/(\d+)/(attn/out|mlp/key|mlp/value|resid)$")
+# In the order a block visits them (adapters may only read earlier ones).
+SITE_KINDS = ("attn/out", "mlp/in", "mlp/key", "mlp/value", "resid")
+_LAYER_SITE_RE = re.compile(
+    r"^layer/(\d+)/(attn/out|mlp/in|mlp/key|mlp/value|resid)$")
+# Activations kept for an adapter's declared inputs live in `out` under this
+# prefix until the adapter reads them (never returned as captures).
+_STASH = "\x00adapter-input:"
 PATCH_MODES = ("add", "replace")
 
 
@@ -59,6 +69,12 @@ def parse_site(name: str, num_layers: int) -> tuple[int | None, str]:
         f"Edit site {name!r} names layer {layer}, but the model has layers "
         f"0..{num_layers - 1}.")
   return layer, match.group(2)
+
+
+def _split_block(name: str) -> tuple[str, str]:
+  """"layer/3/mlp/value" -> ("layer/3", "mlp/value")."""
+  parts = name.split("/", 2)
+  return "/".join(parts[:2]), parts[2]
 
 
 def _gather_positions(x_BxLxD, positions):
@@ -119,11 +135,15 @@ class Sites:
     capture: site names whose activation (after any patch) is returned (static).
     capture_positions: int `[P]` or `[B, P]` positions to keep in captures;
       None keeps all `L` positions.
+    adapters: site name -> tuple of `adapters.Adapter`, applied in order at
+      the site before its patch (normally filled from `params["adapters"]`
+      by `with_adapters`).
   """
   patches: dict[str, Patch] = dataclasses.field(default_factory=dict)
   capture: tuple[str, ...] = dataclasses.field(
       default=(), metadata=dict(static=True))
   capture_positions: Any = None
+  adapters: dict = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if isinstance(self.capture, str):
@@ -133,23 +153,65 @@ class Sites:
 
   def validate(self, num_layers: int) -> None:
     """Raises `SiteError` if any named site does not exist in the model."""
+    from keditjax.models import adapters as adapters_lib
     for name in tuple(self.patches) + self.capture:
       parse_site(name, num_layers)
+    adapters_lib.validate(self.adapters, num_layers, SITE_KINDS)
     for name, patch in self.patches.items():
       if not isinstance(patch, Patch):
         raise errors.SiteError(
             f"sites.patches[{name!r}] must be a keditjax Patch, got "
             f"{type(patch).__name__}.")
 
+  def with_adapters(self, adapters) -> "Sites":
+    """These sites plus `adapters` (site -> tuple), after any already held."""
+    if not adapters:
+      return self
+    merged = dict(self.adapters)
+    for site, stack in adapters.items():
+      merged[site] = tuple(merged.get(site, ())) + tuple(stack)
+    return dataclasses.replace(self, adapters=merged)
+
   def visit(self, name: str, x_BxLxD, out: dict):
-    """Applies the patch for `name` (if any), records a capture, returns x."""
+    """Applies the adapters and the patch for `name` (if any), records a
+    capture, returns x."""
+    stack = self.adapters.get(name)
+    if stack:
+      prefix, _ = _split_block(name)
+      needs = {kind for a in stack for kind in a.inputs}
+      inputs = {kind: out[_STASH + prefix + "/" + kind] for kind in needs}
+      for adapter in stack:
+        x_BxLxD = adapter(x_BxLxD, inputs).astype(x_BxLxD.dtype)
+      # Inputs are read by one site only (the adapters' own): drop them.
+      for kind in needs:
+        if not self._needed_by_other(prefix + "/" + kind, name):
+          out.pop(_STASH + prefix + "/" + kind, None)
     patch = self.patches.get(name)
     if patch is not None:
       x_BxLxD = patch.apply(x_BxLxD)
     if name in self.capture:
       out[name] = (x_BxLxD if self.capture_positions is None else
                    _gather_positions(x_BxLxD, self.capture_positions))
+    if self.adapters and self._is_input(name):
+      out[_STASH + name] = x_BxLxD
     return x_BxLxD
+
+  def _is_input(self, name: str) -> bool:
+    """Whether an adapter of the same block reads site `name`."""
+    if not name.startswith("layer/"):
+      return False
+    prefix, kind = _split_block(name)
+    return any(site.startswith(prefix + "/") and kind in a.inputs
+               for site, stack in self.adapters.items() for a in stack)
+
+  def _needed_by_other(self, input_site: str, consumer: str) -> bool:
+    """Whether an adapter at a site other than `consumer` (later in the same
+    block) also reads `input_site`."""
+    prefix, kind = _split_block(input_site)
+    return any(site != consumer and site.startswith(prefix + "/") and
+               kind in a.inputs and SITE_KINDS.index(_split_block(site)[1]) >
+               SITE_KINDS.index(_split_block(consumer)[1])
+               for site, stack in self.adapters.items() for a in stack)
 
 
 NO_SITES = Sites()
