@@ -48,10 +48,10 @@ def _peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _timed_edit(editor, params, requests, state, compiles):
+def _timed_edit(editor, model, params, requests, state, compiles):
   before = len(compiles)
   start = time.perf_counter()
-  _, _, info = editor.apply(params, requests, state)
+  _, _, info = editor.apply(model, params, requests, state)
   return time.perf_counter() - start, len(compiles) - before, info.seconds
 
 
@@ -66,19 +66,19 @@ def bench_edit(model, params, compiles):
   if _METHOD.value in ("memit", "alphaedit"):
     rows = []
     for n in map(int, _BATCH_EDITS.value):
-      cold, n_comp, phases = _timed_edit(editor, params, records[:n], state, compiles)
+      cold, n_comp, phases = _timed_edit(editor, model, params, records[:n], state, compiles)
       row = {"method": _METHOD.value, "num_edits": n, "init_s": init_s,
              "first_call_s": cold, "first_call_s_per_edit": cold / n, "compiles": n_comp,
              "first_call_phases_s": phases}
       if n <= _WARM_MAX.value:  # a second, compiled call
-        warm, warm_comp, warm_phases = _timed_edit(editor, params, records[:n], state, compiles)
+        warm, warm_comp, warm_phases = _timed_edit(editor, model, params, records[:n], state, compiles)
         row.update({"compile_s": cold - warm, "steady_s": warm, "steady_compiles": warm_comp,
                     "steady_s_per_edit": warm / n, "phases_s": warm_phases})
       rows.append({**row, "peak_rss_mb": _peak_rss_mb()})
     return rows
   steady, compiled, phases, per_edit = [], [], [], []
   for record in records[:_NUM_EDITS.value]:
-    seconds, n_comp, phase = _timed_edit(editor, params, record, state, compiles)
+    seconds, n_comp, phase = _timed_edit(editor, model, params, record, state, compiles)
     (compiled if n_comp else steady).append((seconds, n_comp))
     per_edit.append({"s": seconds, "compiles": n_comp,
                      "since_process_start_s": time.perf_counter() - _START})

@@ -77,7 +77,7 @@ def main(argv):
   show(f"before ({model.name})", before)
   state = editor.init(model)
   start = time.perf_counter()
-  params, _, info = editor.apply(model.params, request, state)
+  params, _, info = editor.apply(model, model.params, request, state)
   seconds = time.perf_counter() - start
   after = report(model, params, prompts, request.target_new, true)
   show(f"after {FLAGS.method} ({seconds:.2f} s)", after)

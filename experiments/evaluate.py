@@ -46,8 +46,8 @@ flags.DEFINE_integer("start", 0, "First record to edit.")
 flags.DEFINE_integer("num_edits", 100, "Number of cases to edit.")
 flags.DEFINE_integer("batch_size", 1, "Cases per edit call (batch, sequential).")
 flags.DEFINE_enum("mode", "single", list(protocols.MODES), "Edit protocol.")
-flags.DEFINE_integer("eval_every", 1, "Sequential: record SR/RR/DD every K steps "
-                     "(0: at the end only).")
+flags.DEFINE_integer("eval_every", None, "Sequential: SR/RR/DD over all edits "
+                     "so far every K steps (default: 10 checkpoints; 0: at the end only).")
 flags.DEFINE_integer("dd_every", 10, "Non-successive: held-out DD on every K-th "
                      "edited model (0: never).")
 flags.DEFINE_string("heldout", "auto", "DD held-out facts: auto (true facts of the "

@@ -38,7 +38,8 @@ FLAGS = flags.FLAGS
 def edit_fn(checker, editor, **init):
   """`(params, case) -> new_params`: `editor` on the checker."""
   state = editor.init(checker, **init)
-  return lambda params, case: editor.apply(params, case.request(), state)[0]
+  return lambda params, case: editor.apply(checker, params, case.request(),
+                                           state)[0]
 
 
 def ftl(checker, radius):

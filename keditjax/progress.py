@@ -72,7 +72,24 @@ def bar(iterable=None, *, disable: bool = False, **kwargs):
   kwargs.setdefault("file", _Lines(sys.stderr))
   kwargs.setdefault("ncols", 100)
   kwargs.setdefault("dynamic_ncols", False)
-  return tqdm(iterable, disable=disable, **kwargs)
+  return _log_class(tqdm)(iterable, disable=disable, **kwargs)
+
+
+def _log_class(tqdm):
+  """tqdm whose postfix/description updates wait for the next timed line
+  (tqdm redraws on every `set_postfix` by default, a line per step in a log)."""
+
+  class LogTqdm(tqdm):  # pylint: disable=invalid-name
+
+    def set_postfix(self, ordered_dict=None, refresh=False, **kwargs):
+      del refresh
+      super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+    def set_description(self, desc=None, refresh=False):
+      del refresh
+      super().set_description(desc, refresh=False)
+
+  return LogTqdm
 
 
 def trange(n: int, **kwargs):

@@ -162,7 +162,7 @@ def test_rome_writes_k_star_to_v_star(model):
   editor = editors.get("rome", layer=1, v_steps=30, **LOOSE)
   state = editor.init(model, covariance=cov, templates=TEMPLATES)
   before = _copy(model.params)
-  new_params, _, info = editor.apply(model.params, REQUEST, state)
+  new_params, _, info = editor.apply(model, model.params, REQUEST, state)
   jax.tree.map(np.testing.assert_array_equal, model.params, before)
   path = model.site_param("layer/1/mlp/value")
   change = base.describe_changes(model.params, {path: base.get_leaf(
@@ -187,8 +187,8 @@ def test_rome_writes_k_star_to_v_star(model):
 def test_rome_identity_covariance_and_composition(model):
   editor = editors.get("rome", layer=2, use_covariance=False, **LOOSE)
   state = editor.init(model, templates=TEMPLATES)
-  p1, _, _ = editor.apply(model.params, REQUESTS[0], state)
-  p2, _, info = editor.apply(p1, REQUESTS[1], state)  # editors compose
+  p1, _, _ = editor.apply(model, model.params, REQUESTS[0], state)
+  p2, _, info = editor.apply(model, p1, REQUESTS[1], state)  # editors compose
   assert jax.tree.structure(p2) == jax.tree.structure(model.params)
   path = model.site_param("layer/2/mlp/value")
   w0, w1, w2 = (np.asarray(base.get_leaf(p, path))
@@ -200,10 +200,10 @@ def test_rome_identity_covariance_and_composition(model):
 def test_value_loop_compiles_once_per_bucket(model):
   editor = editors.get("rome", layer=1, use_covariance=False, v_steps=3)
   state = editor.init(model, templates=TEMPLATES)
-  editor.apply(model.params, REQUESTS[0], state)
+  editor.apply(model, model.params, REQUESTS[0], state)
   n = compute._optimize._cache_size()
   same_shape = dict(REQUESTS[0], target_new="Spanish")  # same bucket
-  editor.apply(model.params, same_shape, state)
+  editor.apply(model, model.params, same_shape, state)
   assert compute._optimize._cache_size() == n
 
 
@@ -213,7 +213,7 @@ def test_memit_batch(model):
                        v_chunk=2, **LOOSE)
   state = editor.init(model, covariance=covs, templates=TEMPLATES)
   before = _copy(model.params)
-  new_params, _, info = editor.apply(model.params, REQUESTS, state)
+  new_params, _, info = editor.apply(model, model.params, REQUESTS, state)
   jax.tree.map(np.testing.assert_array_equal, model.params, before)
   assert len(info.changed) == 2 and len(info.extras["steps"]) == 3
   # With one template and a tiny λ every layer writes its share exactly, so
@@ -224,7 +224,8 @@ def test_memit_batch(model):
   values = compute.optimize_values(model, model.params, rs, ("{}",), layer=2,
                                    site_kind="resid",
                                    hp=exact.hparams.value_hparams())
-  edited, _, _ = exact.apply(model.params, rs, dict_state(state, ("{}",)))
+  edited, _, _ = exact.apply(model, model.params, rs,
+                             dict_state(state, ("{}",)))
   rows = [compute.tokenize_around_subject(model.tokenizer, r.prompt,
                                           r.subject) for r in rs]
   z = compute.capture_at_subject(model, edited, rows, ["layer/2/resid"])
@@ -234,7 +235,7 @@ def test_memit_batch(model):
   # A huge λ leaves the weights (almost) unchanged.
   frozen = editors.get("memit", layers=(1, 2), mom2_update_weight=1e12,
                        v_steps=2)
-  same, _, _ = frozen.apply(model.params, REQUESTS[:1], state)
+  same, _, _ = frozen.apply(model, model.params, REQUESTS[:1], state)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                same, model.params)
 
@@ -257,8 +258,8 @@ def test_alphaedit_preserves_keys_and_accumulates(model):
   cov = ((basis * eig) @ basis.T).astype(np.float32)
   editor = editors.get("alphaedit", layers=(1, 2), l2=1e-2, **LOOSE)
   state = editor.init(model, covariance={1: cov, 2: cov}, templates=TEMPLATES)
-  assert state.nullspace_dims == {1: 32, 2: 32}
-  p1, state1, _ = editor.apply(model.params, REQUESTS[:2], state)
+  assert dict(zip(state.layers, state.nullspace_dims)) == {1: 32, 2: 32}
+  p1, state1, _ = editor.apply(model, model.params, REQUESTS[:2], state)
   preserved = rng.normal(size=(50, 96)) @ basis[:, :96].T
   for layer in (1, 2):
     path = model.site_param(f"layer/{layer}/mlp/value")
@@ -266,8 +267,8 @@ def test_alphaedit_preserves_keys_and_accumulates(model):
         base.get_leaf(model.params, path))
     assert np.linalg.norm(preserved @ delta) < 1e-3 * np.linalg.norm(delta)
   assert state1.num_edits == 2 and state.num_edits == 0
-  assert float(jnp.abs(state1.edited_keys[1]).sum()) > 0
-  assert float(jnp.abs(state.edited_keys[1]).sum()) == 0  # input untouched
+  assert float(jnp.abs(state1.edited_keys["1"]).sum()) > 0
+  assert float(jnp.abs(state.edited_keys["1"]).sum()) == 0  # input untouched
 
 
 def test_bad_requests_fail_before_work(model, monkeypatch):
@@ -277,14 +278,15 @@ def test_bad_requests_fail_before_work(model, monkeypatch):
   monkeypatch.setattr(compute, "subject_keys",
                       lambda *a, **k: calls.append(1))
   with pytest.raises(errors.InputError, match="does not occur"):
-    editor.apply(model.params, [REQUEST, dict(REQUEST, subject="Piaf")], state)
+    editor.apply(model, model.params,
+                 [REQUEST, dict(REQUEST, subject="Piaf")], state)
   with pytest.raises(errors.InputError, match="empty target_new"):
-    editor.apply(model.params, dict(REQUEST, target_new=""), state)
+    editor.apply(model, model.params, dict(REQUEST, target_new=""), state)
   real_encode = model.tokenizer.encode
   monkeypatch.setattr(model.tokenizer, "encode",
                       lambda t: [] if t == " ???" else real_encode(t))
   with pytest.raises(errors.InputError, match="tokenizes to nothing"):
-    editor.apply(model.params, dict(REQUEST, target_new="???"), state)
+    editor.apply(model, model.params, dict(REQUEST, target_new="???"), state)
   assert not calls
   with pytest.raises(errors.ConfigError, match="out of range"):
     editors.get("rome", layer=9).init(model, templates=TEMPLATES,

@@ -176,9 +176,11 @@ def test_editor_changes_only_the_selected_leaf_and_keeps_inputs():
   predicted = int(classifier.predict(params, image[None])[0])
   label = (predicted + 1) % 10
   editor = editors.get("enn", lr=0.5, margin=0.5, max_steps=200)
-  state = editor.init(classifier, params, kl_inputs=None, progress=False)
-  new_params, new_state, info = editor.apply(params, [_Edit(image, label)],
-                                             state)
+  with pytest.raises(errors.ConfigError, match="kl_inputs"):
+    editor.init(classifier, params, kl_inputs=None)
+  state = editor.init(classifier, params)
+  new_params, new_state, info = editor.apply(classifier, params,
+                                             [_Edit(image, label)], state)
   jax.tree.map(np.testing.assert_array_equal, params, before)
   assert int(classifier.predict(new_params, image[None])[0]) == label
   assert info.extras["held"] and info.extras["steps"] >= 1
@@ -191,8 +193,8 @@ def test_editor_changes_only_the_selected_leaf_and_keeps_inputs():
   assert not np.allclose(new_params["dense1"]["kernel"],
                          params["dense1"]["kernel"])
   # An edit that already holds takes no step and changes nothing.
-  again, _, info2 = editor.apply(new_params, {"image": image, "label": label},
-                                 new_state)
+  again, _, info2 = editor.apply(classifier, new_params,
+                                 {"image": image, "label": label}, new_state)
   assert info2.extras["steps"] == 0
   np.testing.assert_array_equal(again["dense1"]["kernel"],
                                 new_params["dense1"]["kernel"])

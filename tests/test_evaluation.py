@@ -241,10 +241,10 @@ def test_bundled_datasets_and_errors(tmp_path):
 def finetune_editor(steps=200, lr=1e-2):
   """A plain fine-tuning editor of the editor interface, for harness tests."""
   def init(model, params=None, **kw):
-    return {"model": model, "edits": 0}
+    return {"edits": 0}
 
-  def apply(params, requests, state):
-    model, requests = state["model"], base.make_requests(requests)
+  def apply(model, params, requests, state):
+    requests = base.make_requests(requests)
     ids = [(model.encode(r.text), model.encode(r.target_new)) for r in requests]
     length = lm.bucket(max(len(p) + len(t) for p, t in ids))
     tokens = np.zeros((len(ids), length), np.int32)
@@ -269,7 +269,7 @@ def finetune_editor(steps=200, lr=1e-2):
     return p, {**state, "edits": state["edits"] + len(requests)}, base.EditInfo(
         changed={"all": {}})
 
-  return base.Editor("ft_test", None, init, apply)
+  return base.FunctionalEditor("ft_test", None, init, apply)
 
 
 def _cases(n, start=0):
@@ -365,8 +365,9 @@ def test_scatter_draws_runs_with_both_metrics(tmp_path):
 
 def test_protocol_errors_before_work(model):
   calls = []
-  editor = base.Editor("spy", None, lambda m, **k: calls.append("init"),
-                       lambda *a: calls.append("apply"))
+  editor = base.FunctionalEditor(
+      "spy", None, lambda m, p=None, **k: calls.append("init"),
+      lambda *a: calls.append("apply"))
   for proto, cases, match in [
       (protocols.Protocol("single", batch_size=2), _cases(2), "mode='batch'"),
       (protocols.Protocol("online"), _cases(2), "mode='online'"),
@@ -417,3 +418,18 @@ def test_results_table_rows_name_the_reproducing_command():
       "python -m experiments.evaluate --method=mend --dataset=zsre "
       "--num_edits=30 --config.mend.checkpoint=runs/m --mode=single "
       "--dd_every=1 --heldout=known_1000 --heldout_size=1000")
+
+
+def test_sequential_checkpoints_are_linear_by_default(model):
+  """Without eval_every, RR/SR over all earlier edits is measured at 10
+  evenly spaced checkpoints (here every 2 of 12 steps) and at the end, not
+  after every step; SR at edit time is still recorded for every step."""
+  cases = _cases(12)
+  r = protocols.run(model, finetune_editor(), cases,
+                    protocols.Protocol("sequential", fluency=False),
+                    progress=False)
+  assert len(r["steps"]) == 12
+  assert all("sr_at_edit" in s for s in r["steps"])
+  assert [s["step"] for s in r["steps"] if "rr" in s] == [2, 4, 6, 8, 10, 12]
+  assert r["protocol"]["eval_every"] == 2
+  assert r["protocol"]["evaluated"] == "every 2 edit steps and at the end"

@@ -235,7 +235,7 @@ def test_apply_is_pure_and_changes_only_targets(tiny):
   state = editor.init(tiny, trained=_trained(tiny))
   before = copy.deepcopy(jax.tree.map(np.asarray, tiny.params))
   new_params, state2, info = editor.apply(
-      tiny.params, {"claim": CLAIMS[0], "label": 1}, state)
+      tiny, tiny.params, {"claim": CLAIMS[0], "label": 1}, state)
   jax.tree.map(np.testing.assert_array_equal, tiny.params, before)
   flat_old = dict(jax.tree_util.tree_flatten_with_path(before)[0])
   changed = {jax.tree_util.keystr(p) for p, v in
@@ -245,9 +245,9 @@ def test_apply_is_pure_and_changes_only_targets(tiny):
                      "['head']['kernel']"}
   assert set(info.changed) == set(HP.targets) and state2.edits == 1
   with pytest.raises(errors.InputError, match="label"):
-    editor.apply(tiny.params, {"claim": CLAIMS[0], "label": 2}, state)
+    editor.apply(tiny, tiny.params, {"claim": CLAIMS[0], "label": 2}, state)
   with pytest.raises(errors.InputError, match="claim"):
-    editor.apply(tiny.params, {"label": 1}, state)
+    editor.apply(tiny, tiny.params, {"label": 1}, state)
 
 
 def test_apply_matches_the_training_update(tiny):
@@ -255,7 +255,7 @@ def test_apply_matches_the_training_update(tiny):
   editor = editors.get("knowledge_editor", HP)
   trained = _trained(tiny)
   state = editor.init(tiny, trained=trained)
-  new_params, _, info = editor.apply(tiny.params,
+  new_params, _, info = editor.apply(tiny, tiny.params,
                                      {"claim": CLAIMS[2], "label": 0}, state)
   old = info.extras["old"][0]
   h = tiny.hidden(tiny.params, [CLAIMS[2]], 1)
@@ -274,8 +274,8 @@ def test_text_task_and_ftl(tiny):
   assert batch["tokens"].shape[0] == 4 and batch["weights"].sum() == 3
   editor = editors.get("ftl", params_regex=tiny.default_edit_regex,
                        radius=1e-2, lr=1e-2, steps=10)
-  new_params, _, info = editor.apply(tiny.params, {"claim": CLAIMS[0],
-                                                   "label": 1},
+  new_params, _, info = editor.apply(tiny, tiny.params,
+                                     {"claim": CLAIMS[0], "label": 1},
                                      editor.init(tiny))
   assert set(info.changed) == {"encoder/layer_1/output/kernel", "head/kernel"}
   assert max(info.extras["linf"]) <= 1e-2 + 1e-6
@@ -378,7 +378,7 @@ def test_mend_classifier_editor_is_pure_and_edits_only_its_targets(tiny):
     editor.init(tiny)
   state = editor.init(tiny, trained=(nets, norms))
   before = copy.deepcopy(jax.tree.map(np.asarray, tiny.params))
-  new_params, _, info = editor.apply(tiny.params,
+  new_params, _, info = editor.apply(tiny, tiny.params,
                                      {"claim": CLAIMS[0], "label": 1}, state)
   jax.tree.map(np.testing.assert_array_equal, tiny.params, before)
   assert sorted(info.changed) == ["encoder/layer_1/output/kernel",

@@ -240,9 +240,10 @@ def test_every_editor_edits_without_touching_its_input(lm, name):
                                               ewc_lambda=10.0),
         "ftkl": dict(kl_examples=4)}.get(name, {})
   editor = editors.get(name, params_regex=DOWN1, lr=1e-2, steps=40, **kw)
-  state = editor.init(lm, kl_inputs=TEXTS, fisher_data=TEXTS, progress=False)
+  state = editor.init(lm, **editors.select_inputs(editor, dict(
+      kl_inputs=TEXTS, fisher_data=TEXTS, progress=False)))
   before = _copy(lm.params)
-  new, state2, info = editor.apply(lm.params, [REQ], state)
+  new, state2, info = editor.apply(lm, lm.params, [REQ], state)
   jax.tree.map(np.testing.assert_array_equal, lm.params, before)
   # A random tiny model caps its confidence (NLL floor ~4.3 nats).
   assert _target_nll(lm, new) < 0.85 * _target_nll(lm, lm.params)
@@ -264,7 +265,7 @@ def test_ftl_never_leaves_its_radius_on_any_step(lm):
   editor = editors.get("ftl", params_regex=r"layers_\d/mlp/down_proj", lr=0.05,
                        steps=30, radius=radius, stop_loss=0.0)
   state = editor.init(lm)
-  new, _, info = editor.apply(lm.params, [REQ], state)
+  new, _, info = editor.apply(lm, lm.params, [REQ], state)
   linf = np.asarray(info.extras["linf"])
   assert len(linf) == 30
   # Float32 rounding of θ₀ + clip(θ − θ₀) may add one ulp of |θ₀|.
@@ -276,7 +277,7 @@ def test_ftl_never_leaves_its_radius_on_any_step(lm):
                    np.asarray(base.get_leaf(lm.params, path)))
     assert delta.max() <= tol
   # The jitted loop compiles once: a second edit reuses it.
-  editor.apply(lm.params, [dict(REQ, target_new="Greek")], state)
+  editor.apply(lm, lm.params, [dict(REQ, target_new="Greek")], state)
 
 
 def _kl_on(lm, params, batch, logp0):
@@ -290,8 +291,8 @@ def test_ftkl_keeps_unrelated_outputs_closer_than_ft(lm):
   ftkl = editors.get("ftkl", kl_weight=5.0, kl_examples=4, **common)
   state = ftkl.init(lm, kl_inputs=TEXTS)
   ft = editors.get("ft", **common)
-  new_kl, _, _ = ftkl.apply(lm.params, [REQ], state)
-  new_ft, _, _ = ft.apply(lm.params, [REQ], ft.init(lm))
+  new_kl, _, _ = ftkl.apply(lm, lm.params, [REQ], state)
+  new_ft, _, _ = ft.apply(lm, lm.params, [REQ], ft.init(lm))
   batch, logp0 = state.kl["batch"], state.kl["logp0"]
   assert _kl_on(lm, lm.params, batch, logp0) < 1e-6
   assert _kl_on(lm, new_kl, batch, logp0) < 0.5 * _kl_on(lm, new_ft, batch,
@@ -304,30 +305,32 @@ def test_ewc_holds_high_fisher_weights_and_online_ewc_accumulates(lm):
   ewc = editors.get("ewc", ewc_lambda=1e4, **common)
   state = ewc.init(lm, fisher_data=TEXTS, progress=False)
   ft = editors.get("ft", params_regex=DOWN1, lr=2e-2, steps=40, stop_loss=0.0)
-  new_ewc, _, _ = ewc.apply(lm.params, [REQ], state)
-  new_ft, _, _ = ft.apply(lm.params, [REQ], ft.init(lm))
+  new_ewc, _, _ = ewc.apply(lm, lm.params, [REQ], state)
+  new_ft, _, _ = ft.apply(lm, lm.params, [REQ], ft.init(lm))
   penalty = lambda p: float(K.ewc_penalty(
-      {q: base.get_leaf(p, q) for q in state.paths}, state.anchor,
-      state.fisher, 1.0))
+      {q: base.get_leaf(p, q) for q in state.paths},
+      finetune.by_path(state, "anchor"), finetune.by_path(state, "fisher"),
+      1.0))
   assert penalty(new_ewc) < 0.5 * penalty(new_ft)
   for anchor in ("latest", "mean"):
     online = editors.get("ewc", ewc_lambda=1e4, online=True, gamma=0.9,
                          online_weight=0.5, online_anchor=anchor, **common)
     s0 = online.init(lm, fisher_data=TEXTS, progress=False)
-    p1, s1, _ = online.apply(lm.params, [REQ], s0)
+    p1, s1, _ = online.apply(lm, lm.params, [REQ], s0)
     (path,) = s0.paths
     theta0, theta1 = (np.asarray(base.get_leaf(p, path), np.float64)
                       for p in (lm.params, p1))
-    f0 = np.asarray(s0.fisher[path], np.float64)
-    f_edit = (np.asarray(s1.fisher[path], np.float64) - 0.9 * f0) / 0.5
+    key = "/".join(path)
+    f0 = np.asarray(s0.fisher[key], np.float64)
+    f_edit = (np.asarray(s1.fisher[key], np.float64) - 0.9 * f0) / 0.5
     assert f_edit.min() >= -1e-6 and f_edit.sum() > 0  # the edit's Fisher
-    np.testing.assert_array_equal(s0.anchor[path], theta0)
+    np.testing.assert_array_equal(s0.anchor[key], theta0)
     if anchor == "latest":  # Schwarz et al.: the edited weights
-      np.testing.assert_array_equal(s1.anchor[path], theta1)
+      np.testing.assert_array_equal(s1.anchor[key], theta1)
     else:  # the minimiser of 0.9 F0 (θ-θ0)² + 0.5 F_e (θ-θ1)²
       want = (0.9 * f0 * theta0 + 0.5 * f_edit * theta1) / (
           0.9 * f0 + 0.5 * f_edit)
-      np.testing.assert_allclose(s1.anchor[path], want, rtol=1e-4,
+      np.testing.assert_allclose(s1.anchor[key], want, rtol=1e-4,
                                  atol=1e-7)
 
 
@@ -340,7 +343,7 @@ def test_a_custom_optax_optimizer_and_a_classifier():
   image = data["images"][0]
   pred = int(np.argmax(model.logits(model.params, image[None])))
   target = (pred + 1) % 5
-  new, _, info = editor.apply(model.params, [{"image": image,
+  new, _, info = editor.apply(model, model.params, [{"image": image,
                                               "label": target}], state)
   assert int(np.argmax(model.logits(new, image[None]))) == target
   assert list(info.changed) == ["head/bias", "head/kernel"]
@@ -370,11 +373,11 @@ def test_bad_input_fails_before_any_work(lm):
                      ({"image": np.zeros((3, 3, 1)), "label": 1}, "shape"),
                      ({"image": image * np.nan, "label": 1}, "NaN")]:
     with pytest.raises(errors.InputError, match=match):
-      editor.apply(model.params, [bad], state)
+      editor.apply(model, model.params, [bad], state)
   lm_state = editors.get("ft", params_regex=DOWN1).init(lm)
   with pytest.raises(errors.InputError, match="empty target"):
     editors.get("ft", params_regex=DOWN1).apply(
-        lm.params, [dict(REQ, target_new=" ")], lm_state)
+        lm, lm.params, [dict(REQ, target_new=" ")], lm_state)
 
 
 def test_stop_on_argmax_stops_as_soon_as_the_edit_holds():
@@ -385,12 +388,12 @@ def test_stop_on_argmax_stops_as_soon_as_the_edit_holds():
   common = dict(params_regex="head", optimizer="sgd", lr=0.05, steps=500,
                 stop_loss=100.0, stop_on="argmax")
   editor = editors.get("ft", **common)
-  new, _, info = editor.apply(model.params, edit, editor.init(model))
+  new, _, info = editor.apply(model, model.params, edit, editor.init(model))
   steps = info.extras["steps"]
   assert 1 < steps < 500
   assert int(np.argmax(model.logits(new, image[None]))) == edit[0]["label"]
   short = editors.get("ft", **dict(common, steps=steps - 1))
-  early, _, _ = short.apply(model.params, edit, short.init(model))
+  early, _, _ = short.apply(model, model.params, edit, short.init(model))
   assert int(np.argmax(model.logits(early, image[None]))) != edit[0]["label"]
   with pytest.raises(errors.ConfigError, match="stop_on"):
     editors.get("ft", stop_on="never")

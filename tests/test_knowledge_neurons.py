@@ -1,5 +1,6 @@
 """Knowledge-neurons editor (Dai et al. 2022) on the tiny golden models."""
 
+import copy
 import dataclasses
 
 import jax
@@ -125,7 +126,7 @@ def test_planted_knowledge_neuron_is_ranked_first(model):
   assert flat[0] > 5 * flat[1]
   # The editor finds it too, and its row is the one edited.
   editor = editors.get("kn", max_neurons=1, **FAST)
-  _, _, info = editor.apply(params, REQUEST, editor.init(model))
+  _, _, info = editor.apply(model, params, REQUEST, editor.init(model))
   assert info.extras["requests"][0]["neurons"][0][:2] == (layer, neuron)
 
 
@@ -150,7 +151,7 @@ def test_edit_changes_only_selected_rows_by_documented_amounts(
   editor = editors.get("kn", max_neurons=3, lambda_erase=1.5, lambda_add=4.0,
                        scale_by_value_norm=scale_by_value_norm, **FAST)
   state = editor.init(model)
-  new, state2, info = editor.apply(params, [REQUEST], state)
+  new, state2, info = editor.apply(model, params, [REQUEST], state)
   assert state2 is state
   # Inputs untouched, bit for bit.
   jax.tree.map(np.testing.assert_array_equal, snapshot,
@@ -205,7 +206,7 @@ def test_missing_target_true_uses_greedy_token_and_batches(model):
   request = base.Request("t5 t17 {} t3", "t40 t41", "t20", None, case_id=1)
   editor = editors.get("kn", **FAST)
   state = editor.init(model)
-  new, _, info = editor.apply(model.params, [request, second], state)
+  new, _, info = editor.apply(model, model.params, [request, second], state)
   first, other = info.extras["requests"]
   assert (first["old_source"], first["old_token"]) == ("greedy", greedy)
   assert other["old_source"] == "target_true" and other["old_token"] == 31
@@ -218,10 +219,10 @@ def test_missing_target_true_uses_greedy_token_and_batches(model):
 def test_no_recompile_for_a_new_request_in_the_same_bucket(model):
   editor = editors.get("kn", **FAST)
   state = editor.init(model)
-  editor.apply(model.params, REQUEST, state)
+  editor.apply(model, model.params, REQUEST, state)
   sizes = (kn._ig_rows._cache_size(), kn._prefix_cache._cache_size())
   other = dict(REQUEST, prompt="t1 t2 t40 t41 t8 t9 t10", target_new="t50")
-  editor.apply(model.params, other, state)
+  editor.apply(model, model.params, other, state)
   assert (kn._ig_rows._cache_size(), kn._prefix_cache._cache_size()) == sizes
 
 
@@ -248,20 +249,20 @@ def test_bad_input_is_refused_before_any_work(model, monkeypatch):
               [good, dict(good, subject="t99")],              # not in prompt
               [good, 42], 42, []):
     with pytest.raises(errors.InputError):
-      editor.apply(model.params, bad, state)
-  tokless = dataclasses.replace(state, tokenizer=_CountingTokenizer(
-      model.tokenizer))
+      editor.apply(model, model.params, bad, state)
+  tokless = copy.copy(model)
+  tokless.tokenizer = _CountingTokenizer(model.tokenizer)
   for bad in (dict(good, target_new="empty"),
               dict(good, ground_truth="empty")):
     with pytest.raises(errors.InputError, match="tokenizes to nothing"):
-      editor.apply(model.params, [good, bad], tokless)
+      editor.apply(tokless, model.params, [good, bad], state)
   long = dict(good, prompt=" ".join(["t1"] * 70) + " t40 t41")
   with pytest.raises(errors.InputError, match="max_position_embeddings"):
-    editor.apply(model.params, long, state)
+    editor.apply(model, model.params, long, state)
   with pytest.raises(errors.ConfigError, match="out of range"):
     editors.get("kn", layers=(0, 2)).init(model)
   with pytest.raises(errors.ConfigError, match="out of range"):
-    editors.get("kn", layers=(5,)).apply(model.params, good, state)
+    editors.get("kn", layers=(5,)).apply(model, model.params, good, state)
   for field, value in (("steps", 0), ("threshold", 1.5),
                        ("share_fraction", 0.0), ("max_neurons", 0),
                        ("batch_size", 0), ("layers", [0])):
@@ -287,7 +288,7 @@ def test_gpt2_names_through_site_params():
   model = _word_model("gpt2")
   editor = editors.get("kn", layers=(1,), max_neurons=2, **FAST)
   state = editor.init(model)
-  new, _, info = editor.apply(model.params, REQUEST, state)
+  new, _, info = editor.apply(model, model.params, REQUEST, state)
   assert list(info.changed) == ["h_1/mlp/c_proj/kernel"]
   rows = np.nonzero(np.any(np.asarray(new["h_1"]["mlp"]["c_proj"]["kernel"]) !=
                            np.asarray(model.params["h_1"]["mlp"]["c_proj"]

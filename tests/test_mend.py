@@ -154,7 +154,7 @@ def test_editor_applies_in_one_pass_and_changes_only_its_layers(trained):
   assert state.layers == (2, 3)
   before = jax.tree.map(np.array, model.params)
   request = {"prompt": "{} lives in", "subject": "Kalomi", "target_new": "Oslo"}
-  new_params, state, info = editor.apply(model.params, [request], state)
+  new_params, state, info = editor.apply(model, model.params, [request], state)
   jax.tree.map(np.testing.assert_array_equal, before, model.params)
   assert sorted(info.changed) == ["layers_2/mlp/down_proj/kernel",
                                   "layers_3/mlp/down_proj/kernel"]
@@ -232,7 +232,7 @@ def test_gpt2_mend_trains_and_edits_c_proj(tmp_path):
   editor = editors.get("mend", checkpoint=str(tmp_path))
   state = editor.init(model)
   request = {"prompt": "{} lives in", "subject": "Kalomi", "target_new": "Oslo"}
-  new_params, _, info = editor.apply(model.params, [request], state)
+  new_params, _, info = editor.apply(model, model.params, [request], state)
   assert sorted(info.changed) == ["h_2/mlp/c_proj/kernel",
                                   "h_3/mlp/c_proj/kernel"]
   p_old = model.score(model.params, ["Kalomi lives in"], [" Oslo"])

@@ -45,3 +45,19 @@ def test_trange_and_an_explicit_disable(monkeypatch):
   monkeypatch.setattr(sys, "stderr", stream)
   assert sum(progress.trange(5, desc="t")) == 10
   assert "5/5" in stream.getvalue()
+
+
+def test_postfix_updates_do_not_flood_a_log(monkeypatch):
+  """The harness sets a postfix every step; in a log that must not print a
+  line per step (tqdm redraws on every set_postfix by default)."""
+  stream = io.StringIO()
+  monkeypatch.setattr(sys, "stderr", stream)
+  monkeypatch.setenv("KEDITJAX_PROGRESS", "log")
+  bar = progress.bar(range(500), desc="edits")
+  for i in bar:
+    bar.set_postfix(sr=i)
+    bar.set_description(f"edits {i % 3}")
+  bar.close()
+  lines = stream.getvalue().splitlines()
+  assert 1 <= len(lines) <= 3, lines
+  assert "sr=499" in lines[-1]

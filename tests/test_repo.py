@@ -126,6 +126,55 @@ def test_packages_import_only_their_lower_layers():
   assert not bad, bad
 
 
+def _module_graph():
+  """keditjax module -> the keditjax modules it imports (lazy imports too)."""
+  import ast  # pylint: disable=import-outside-toplevel
+  package_dir = os.path.join(ROOT, "keditjax")
+  paths = {}
+  for root, _, files in os.walk(package_dir):
+    for name in files:
+      if name.endswith(".py"):
+        path = os.path.join(root, name)
+        mod = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+        paths[mod[:-9] if mod.endswith(".__init__") else mod] = path
+  graph = {}
+  for mod, path in paths.items():
+    edges = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+      if isinstance(node, ast.ImportFrom) and node.module:
+        for a in node.names:
+          full = f"{node.module}.{a.name}"
+          edges.add(full if full in paths else node.module)
+      elif isinstance(node, ast.Import):
+        edges.update(a.name for a in node.names)
+    graph[mod] = {e for e in edges if e in paths and e != mod}
+  return graph
+
+
+def test_no_import_cycle_among_modules():
+  """No module reaches itself through imports (counting lazy ones): a
+  cycle means two modules that cannot be understood apart. Package
+  `__init__`s are skipped as targets (they re-export their children)."""
+  graph = _module_graph()
+  packages = {m for m in graph if any(o.startswith(m + ".") for o in graph)}
+  graph = {m: {e for e in es if e not in packages} for m, es in graph.items()}
+  cycles, state = [], {}
+
+  def visit(mod, path):
+    state[mod] = "open"
+    for nxt in sorted(graph[mod]):
+      if state.get(nxt) == "open":
+        cycles.append(path[path.index(nxt):] + [nxt])
+      elif nxt not in state:
+        visit(nxt, path + [nxt])
+    state[mod] = "done"
+
+  for mod in sorted(graph):
+    if mod not in state:
+      visit(mod, [mod])
+  assert not cycles, cycles
+
+
 def test_import_keditjax_is_light_and_exposes_submodules_lazily():
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel

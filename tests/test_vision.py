@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from keditjax import errors
-from keditjax.editors.base import EditInfo, Editor
+from keditjax.editors.base import EditInfo, FunctionalEditor
 from keditjax.evaluation import vision, vision_data
 from keditjax.models import cnn
 
@@ -41,14 +41,15 @@ def forcing_editor():
   def init(model, params, **kwargs):
     return {"edits": 0, "init_kwargs": sorted(kwargs)}
 
-  def apply(params, requests, state):
+  def apply(model, params, requests, state):
+    del model
     (request,) = requests
     bias = np.zeros_like(params["head"]["bias"])
     bias[request.label] = 1e3
     new = {**params, "head": {**params["head"], "bias": bias}}
     return new, {**state, "edits": state["edits"] + 1}, EditInfo(
         extras={"losses": np.array([2.0, 0.5])})
-  return Editor("force", None, init, apply)
+  return FunctionalEditor("force", None, init, apply)
 
 
 def test_splits_are_stratified_deterministic_and_read_only(digits):

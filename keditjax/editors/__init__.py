@@ -2,11 +2,13 @@
 
   editor = keditjax.editors.get("rome", layer=4)      # hparams overrides
   state = editor.init(model)
-  new_params, state, info = editor.apply(model.params, requests, state)
+  new_params, state, info = editor.apply(model, model.params, requests, state)
 
-`METHODS` maps a method name to `module:factory` (imported lazily, so that
-importing the package stays cheap); every factory takes a frozen hparams
-dataclass, `hparams_class(name)` gives it.
+`METHODS` is the one registry: method name -> `MethodSpec` (its module and
+factory, imported lazily so that importing the package stays cheap, its
+hparams class, family, the `init` inputs it needs and whether it edits a
+batch at once); every factory takes a frozen hparams dataclass,
+`hparams_class(name)` gives it. States save with `state_io`.
 """
 
 from __future__ import annotations
@@ -15,36 +17,77 @@ import dataclasses
 import importlib
 
 from keditjax import errors
-from keditjax.editors.base import (EditInfo, Editor, Request, make_request,
-                                   make_requests)
+from keditjax.editors.base import (AdapterEntry, EditInfo, Editor,
+                                   EditRecord, FunctionalEditor, LeafDelta,
+                                   Request, make_request, make_requests,
+                                   select_inputs)
 
-# name -> (module, factory, hparams class)
-METHODS = {
-    "rome": ("keditjax.editors.rome", "rome", "RomeHParams"),
-    "memit": ("keditjax.editors.memit", "memit", "MemitHParams"),
-    "alphaedit": ("keditjax.editors.alphaedit", "alphaedit", "AlphaEditHParams"),
-    "kn": ("keditjax.editors.knowledge_neurons", "knowledge_neurons",
-           "KnowledgeNeuronsHParams"),
-    "ft": ("keditjax.editors.finetune", "ft", "FTHParams"),
-    "ftl": ("keditjax.editors.finetune", "ftl", "FTLHParams"),
-    "ftkl": ("keditjax.editors.finetune", "ftkl", "FTKLHParams"),
-    "ewc": ("keditjax.editors.finetune", "ewc", "EWCHParams"),
-    "mend": ("keditjax.editors.mend", "mend", "MendHParams"),
-    "mend_classifier": ("keditjax.editors.mend_classifier", "mend_classifier",
-                        "MendClassifierHParams"),
-    "knowledge_editor": ("keditjax.editors.knowledge_editor",
-                         "knowledge_editor", "KnowledgeEditorHParams"),
-    "enn": ("keditjax.editors.enn", "enn", "ENNHParams"),
-}
+FAMILIES = ("regularization", "meta-learning", "direct", "architectural")
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+  """One registered editing method.
+
+  Attributes:
+    name: the registry key (and the editor's `name`).
+    module: the module holding the factory (imported on first use).
+    factory: the factory's name in `module`.
+    hparams_class: the name of its hyper-parameter dataclass in `module`.
+    family: one of `FAMILIES` (the survey's taxonomy).
+    init_needs: the `init` inputs it needs or uses ("covariance",
+      "templates", "trained_network", "fisher_data", "kl_inputs").
+    batches: whether one `apply` writes a batch of requests at once (False:
+      one request after another).
+  """
+  name: str
+  module: str
+  factory: str
+  hparams_class: str
+  family: str
+  init_needs: tuple = ()
+  batches: bool = True
+
+
+_ED = "keditjax.editors."
+METHODS = {spec.name: spec for spec in (
+    MethodSpec("rome", _ED + "rome", "rome", "RomeHParams", "direct",
+               ("covariance", "templates"), batches=False),
+    MethodSpec("memit", _ED + "memit", "memit", "MemitHParams", "direct",
+               ("covariance", "templates")),
+    MethodSpec("alphaedit", _ED + "alphaedit", "alphaedit",
+               "AlphaEditHParams", "direct", ("covariance", "templates")),
+    MethodSpec("kn", _ED + "knowledge_neurons", "knowledge_neurons",
+               "KnowledgeNeuronsHParams", "direct", (), batches=False),
+    MethodSpec("ft", _ED + "finetune", "ft", "FTHParams", "regularization"),
+    MethodSpec("ftl", _ED + "finetune", "ftl", "FTLHParams",
+               "regularization"),
+    MethodSpec("ftkl", _ED + "finetune", "ftkl", "FTKLHParams",
+               "regularization", ("kl_inputs",)),
+    MethodSpec("ewc", _ED + "finetune", "ewc", "EWCHParams",
+               "regularization", ("fisher_data",)),
+    MethodSpec("mend", _ED + "mend", "mend", "MendHParams", "meta-learning",
+               ("trained_network",)),
+    MethodSpec("mend_classifier", _ED + "mend_classifier", "mend_classifier",
+               "MendClassifierHParams", "meta-learning",
+               ("trained_network",)),
+    MethodSpec("knowledge_editor", _ED + "knowledge_editor",
+               "knowledge_editor", "KnowledgeEditorHParams", "meta-learning",
+               ("trained_network",)),
+    MethodSpec("enn", _ED + "enn", "enn", "ENNHParams", "meta-learning"),
+    # The architectural family: adapters in the params pytree.
+    MethodSpec("grace", _ED + "grace", "grace", "GraceHParams",
+               "architectural", (), batches=False),
+)}
 
 
 def _lookup(name: str):
   if name not in METHODS:
     raise errors.ConfigError(
         f"Unknown editing method {name!r}; available: {sorted(METHODS)}.")
-  module, factory, hparams = METHODS[name]
-  mod = importlib.import_module(module)
-  return getattr(mod, factory), getattr(mod, hparams)
+  spec = METHODS[name]
+  mod = importlib.import_module(spec.module)
+  return getattr(mod, spec.factory), getattr(mod, spec.hparams_class)
 
 
 def hparams_class(name: str):
@@ -73,5 +116,7 @@ def get(name: str, hparams=None, **overrides) -> Editor:
   return factory(dataclasses.replace(hparams, **overrides))
 
 
-__all__ = ["EditInfo", "Editor", "METHODS", "Request", "get", "hparams_class",
-           "make_request", "make_requests"]
+__all__ = ["AdapterEntry", "EditInfo", "EditRecord", "Editor", "FAMILIES",
+           "FunctionalEditor", "LeafDelta", "METHODS", "MethodSpec", "Request",
+           "get", "hparams_class", "make_request", "make_requests",
+           "select_inputs"]

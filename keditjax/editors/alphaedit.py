@@ -10,14 +10,19 @@ instead projects the update onto the null space of the preserved keys:
 
 where K_p are the keys of earlier edits, accumulated in the state so that
 each call preserves both the corpus keys and every earlier edit. Keys,
-targets and the layer spreading are MEMIT's.
+targets and the layer spreading are MEMIT's. The state (P_l, K_pᵀK_p,
+the edit count) is a pytree of arrays, so a run of sequential edits can be
+saved and resumed (`keditjax.editors.state_io`). Each request's record holds
+its factors (X_l[:, i], R_l[i]) per layer, X_l = (P(KᵀK + K_pᵀK_p) + αI)⁻¹PKᵀ.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from keditjax import errors
 from keditjax.editors import base, memit
@@ -42,24 +47,40 @@ class AlphaEditHParams(memit.MemitHParams):
   l2: float = 10.0
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class AlphaEditState:
-  """MEMIT's state plus P_l and the running K_pᵀK_p of earlier edits."""
+  """MEMIT's state plus P_l and the running K_pᵀK_p of earlier edits.
+
+  Attributes:
+    memit: templates, layers and covariances (`memit.MemitState`).
+    projectors: {str(layer): P_l `[F, F]`}.
+    edited_keys: {str(layer): K_pᵀK_p `[F, F]`} of the edits so far.
+    num_edits: requests written so far (an int32 array).
+    nullspace_dims: dim of each layer's null space, aligned with
+      `memit.layers` (static).
+  """
   memit: memit.MemitState
   projectors: dict
-  nullspace_dims: dict
   edited_keys: dict
-  num_edits: int = 0
+  num_edits: jax.Array
+  nullspace_dims: tuple = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def layers(self) -> tuple:
+    return self.memit.layers
 
 
-def alphaedit(hparams: AlphaEditHParams = AlphaEditHParams()) -> base.Editor:
+def alphaedit(hparams: AlphaEditHParams = AlphaEditHParams()
+              ) -> base.FunctionalEditor:
   """The AlphaEdit editor for `hparams` (see the module docstring)."""
 
   def init(model, params=None, *, covariance=None, templates=None):
     """MEMIT's statistics, plus the null-space projector of every layer."""
     inner = memit.init_state(model, params, hparams, covariance, templates)
     projectors, dims = {}, {}
-    for layer, cov in inner.covariance.items():
+    for layer in inner.layers:
+      layer, cov = str(layer), inner.covariance[str(layer)]
       cov = jnp.asarray(cov, jnp.float32)
       threshold = hparams.nullspace_threshold
       if hparams.relative_threshold:
@@ -72,28 +93,39 @@ def alphaedit(hparams: AlphaEditHParams = AlphaEditHParams()) -> base.Editor:
             f"empty null space at layer {layer}; raise it.")
     f = model.config.intermediate_size
     edited = {layer: jnp.zeros((f, f), jnp.float32) for layer in projectors}
-    return AlphaEditState(inner, projectors, dims, edited)
+    return AlphaEditState(inner, projectors, edited,
+                          np.asarray(0, np.int32),
+                          tuple(dims[str(l)] for l in inner.layers))
 
-  def apply(params, requests, state: AlphaEditState):
+  def apply(model, params, requests, state: AlphaEditState):
     """Writes the batch; the returned state remembers its keys."""
-    requests = memit.validate(state.memit.model, requests)
+    requests = memit.validate(model, requests)
 
     def solve(layer, keys, residuals, w):
       del w
-      return linalg.alphaedit_update(keys, residuals, state.projectors[layer],
-                                     state.edited_keys[layer], hparams.l2)
+      return linalg.alphaedit_update(
+          keys, residuals, state.projectors[str(layer)],
+          state.edited_keys[str(layer)], hparams.l2)
+
+    def factor(layer, keys):
+      return linalg.alphaedit_factor(
+          keys, state.projectors[str(layer)], state.edited_keys[str(layer)],
+          hparams.l2)
 
     new_params, info, keys = memit.spread_update(
-        params, requests, state.memit, hparams, solve)
+        model, params, requests, state.memit, hparams, solve, factor,
+        "alphaedit")
     edited = {layer: state.edited_keys[layer] +
-              jnp.asarray(keys[layer].T @ keys[layer], jnp.float32)
+              jnp.asarray(keys[int(layer)].T @ keys[int(layer)], jnp.float32)
               for layer in state.edited_keys}
-    info.extras["nullspace_dims"] = dict(state.nullspace_dims)
-    new_state = dataclasses.replace(state, edited_keys=edited,
-                                    num_edits=state.num_edits + len(requests))
+    info.extras["nullspace_dims"] = dict(zip(state.layers,
+                                             state.nullspace_dims))
+    new_state = dataclasses.replace(
+        state, edited_keys=edited,
+        num_edits=np.asarray(int(state.num_edits) + len(requests), np.int32))
     return new_params, new_state, info
 
-  return base.Editor("alphaedit", hparams, init, apply)
+  return base.FunctionalEditor("alphaedit", hparams, init, apply)
 
 
 __all__ = ["AlphaEditHParams", "AlphaEditState", "alphaedit"]

@@ -3,19 +3,26 @@
 An editor is built by a factory that closes over a frozen, hashable
 hyper-parameter dataclass, and is a pair of pure functions:
 
-  state = editor.init(model, params)                  # statistics, templates
-  new_params, state, info = editor.apply(params, requests, state)
+  state = editor.init(model, params, **inputs)        # statistics, templates
+  new_params, state, info = editor.apply(model, params, requests, state)
 
 `apply` never mutates `params` (undo is "keep the old pytree"), and the
-returned params are valid input to any other editor. `info` is an `EditInfo`:
-which leaves changed and by how much, and where the time went.
+returned params are valid input to any other editor. The state is a pytree
+of arrays plus hashable static metadata (never the model or a jitted
+closure: those are cached outside it, keyed by hashable things), so it can
+be jitted, sharded and saved (`keditjax.editors.state_io`). `info` is an
+`EditInfo`: which leaves changed and by how much, where the time went, and
+one `EditRecord` per request saying exactly what was written.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import inspect
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+import uuid
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 import jax
 import numpy as np
@@ -120,6 +127,121 @@ def make_requests(items) -> tuple[Request, ...]:
   return requests
 
 
+# -- edit records ------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LeafDelta:
+  """A weight edit: `W' = W + u @ v` on the leaf at `path`.
+
+  Attributes:
+    path: the parameter path tuple.
+    factors: `(u_FxR, v_RxD)` numpy float32 arrays, or None when the method
+      has no low-rank form (fine-tuning, hypernetworks, ...).
+  """
+  path: tuple[str, ...]
+  factors: tuple | None = None
+
+  def to_json(self) -> dict:
+    out = {"type": "leaf_delta", "path": "/".join(self.path)}
+    if self.factors is not None:
+      digest = hashlib.sha256()
+      for f in self.factors:
+        digest.update(np.ascontiguousarray(f, np.float32).tobytes())
+      out["factor_shapes"] = [list(np.shape(f)) for f in self.factors]
+      out["sha256"] = digest.hexdigest()
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterEntry:
+  """An adapter edit: entry `index` of the adapter of `kind` at `site`.
+
+  Attributes:
+    site: the named site ("layer/4/mlp/value").
+    kind: the adapter kind ("grace", ...).
+    index: the entry (codebook row, patch neuron, ...).
+    action: "add", "update" or "remove".
+    previous: the entry's previous contents for an update, else None.
+  """
+  site: str
+  kind: str
+  index: int
+  action: str = "add"
+  previous: dict | None = None
+
+  def to_json(self) -> dict:
+    return {"type": "adapter_entry", "site": self.site, "kind": self.kind,
+            "index": int(self.index), "action": self.action,
+            "previous": None if self.previous is None else sorted(
+                self.previous)}
+
+
+@dataclasses.dataclass(frozen=True)
+class EditRecord:
+  """What one request wrote.
+
+  Attributes:
+    id: unique over runs (a uuid4 hex).
+    method: the editor's name.
+    request: the request (a `Request`, or a classifier edit as given).
+    touched: `LeafDelta`s and/or `AdapterEntry`s.
+  """
+  id: str
+  method: str
+  request: Any
+  touched: tuple
+
+  def to_json(self) -> dict:
+    return {"id": self.id, "method": self.method,
+            "request": _plain_request(self.request),
+            "touched": [t.to_json() for t in self.touched]}
+
+
+def _plain_request(request):
+  """A small JSON view of a request (arrays become their shapes)."""
+  if dataclasses.is_dataclass(request) and not isinstance(request, type):
+    request = {f.name: getattr(request, f.name)
+               for f in dataclasses.fields(request)}
+  if isinstance(request, Mapping):
+    return {str(k): _plain_request(v) for k, v in request.items()}
+  if isinstance(request, (np.ndarray, jax.Array)) and np.ndim(request):
+    return {"shape": list(np.shape(request))}
+  if isinstance(request, (np.generic, np.ndarray, jax.Array)):
+    return np.asarray(request).item()
+  if isinstance(request, (str, int, float, bool)) or request is None:
+    return request
+  return repr(request)
+
+
+def request_items(requests) -> list:
+  """`requests` as a list (one request, a dict or a `Request`, is a list of
+  one)."""
+  if isinstance(requests, (Request, Mapping)) or not isinstance(
+      requests, Iterable) or isinstance(requests, str):
+    return [requests]
+  return list(requests)
+
+
+def make_records(method: str, requests: Sequence, touched) -> list:
+  """One `EditRecord` per request.
+
+  Args:
+    method: the editor's name.
+    requests: the requests of the call, in order.
+    touched: one tuple per request, or one tuple shared by all of them.
+  """
+  if isinstance(touched, tuple):
+    touched = [touched] * len(requests)
+  return [EditRecord(uuid.uuid4().hex, method, request, tuple(t))
+          for request, t in zip(requests, touched)]
+
+
+def leaf_records(method: str, requests: Sequence, paths) -> list:
+  """Records touching `paths` without factors (one per request)."""
+  return make_records(method, requests,
+                      tuple(LeafDelta(tuple(p)) for p in paths))
+
+
 @dataclasses.dataclass
 class EditInfo:
   """What an `apply` call did.
@@ -130,12 +252,15 @@ class EditInfo:
       (`weight_norm`); `rank` too when asked for (an SVD: not by default).
     seconds: phase name -> wall seconds (phases are editor specific).
     extras: anything else the editor reports (losses, steps, ...).
+    records: one `EditRecord` per request.
   """
   changed: dict = dataclasses.field(default_factory=dict)
   seconds: dict = dataclasses.field(default_factory=dict)
   extras: dict = dataclasses.field(default_factory=dict)
+  records: list = dataclasses.field(default_factory=list)
 
   def to_json(self) -> dict:
+    """A JSON-able dict; records are small (paths, factor shapes, hashes)."""
     def plain(x):
       if isinstance(x, dict):
         return {k: plain(v) for k, v in x.items()}
@@ -144,7 +269,9 @@ class EditInfo:
       if isinstance(x, (np.generic, np.ndarray, jax.Array)):
         return np.asarray(x).tolist()
       return x
-    return plain(dataclasses.asdict(self))
+    return {"changed": plain(self.changed), "seconds": plain(self.seconds),
+            "extras": plain(self.extras),
+            "records": [r.to_json() for r in self.records]}
 
 
 class Timer:
@@ -166,14 +293,110 @@ class Timer:
     return _Phase()
 
 
-@dataclasses.dataclass(frozen=True)
-class Editor:
-  """An editor: `init(model, params=None, **kw) -> state` and
-  `apply(params, requests, state) -> (new_params, state, EditInfo)`."""
+class Editor(Protocol):
+  """What every editor offers (DESIGN.md, "Contracts").
+
+  Attributes:
+    name: the method name (a key of `keditjax.editors.METHODS`).
+    hparams: its frozen, hashable hyper-parameter dataclass.
+  """
   name: str
   hparams: Any
-  init: Callable
-  apply: Callable
+
+  def init(self, model, params=None, **inputs) -> Any:
+    """The editor state for `model` (statistics, templates, networks).
+
+    Args:
+      model: the model to edit (a `LanguageModel`, a classifier, ...).
+      params: the weights to compute statistics with (default the model's).
+      **inputs: method-specific inputs (`covariance`, `templates`,
+        `trained`, `fisher_data`, `kl_inputs`, ...); an unknown one raises
+        `ConfigError` before any work.
+
+    Returns:
+      A registered pytree dataclass of arrays and static metadata.
+    """
+
+  def apply(self, model, params, requests, state) -> tuple[Any, Any,
+                                                           "EditInfo"]:
+    """Edits `params` (untouched) with `requests`.
+
+    Args:
+      model: the model `state` was built for.
+      params: the weights to edit.
+      requests: one request or a list of them.
+      state: from `init` or an earlier `apply`.
+
+    Returns:
+      `(new_params, new_state, EditInfo)`.
+    """
+
+
+def _keywords(fn: Callable, skip: int) -> tuple[frozenset | None, tuple]:
+  """The keyword names `fn` accepts after its first `skip` parameters (None:
+  any, it has `**kwargs`), and all its parameter names."""
+  params = list(inspect.signature(fn).parameters.values())
+  if any(p.kind is p.VAR_KEYWORD for p in params):
+    return None, tuple(p.name for p in params)
+  names = [p.name for p in params[skip:]
+           if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+  return frozenset(names), tuple(p.name for p in params)
+
+
+def _check_keywords(editor_name: str, what: str, fn: Callable, skip: int,
+                    given) -> None:
+  accepted, _ = _keywords(fn, skip)
+  if accepted is None:
+    return
+  unknown = sorted(set(given) - accepted)
+  if unknown:
+    raise errors.ConfigError(
+        f"{editor_name}.{what}() got unknown keyword(s) {unknown}; it "
+        f"accepts {sorted(accepted) or 'none'}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionalEditor:
+  """An `Editor` made of two plain functions (what every factory returns).
+
+  Attributes:
+    name: the method name.
+    hparams: the hyper-parameters the functions close over.
+    init_fn: `init_fn(model, params=None, **inputs) -> state`.
+    apply_fn: `apply_fn(model, params, requests, state) -> (params, state,
+      EditInfo)`.
+  """
+  name: str
+  hparams: Any
+  init_fn: Callable
+  apply_fn: Callable
+
+  @property
+  def init_keywords(self) -> frozenset:
+    """The keywords `init` accepts besides `model` (None: any)."""
+    return _keywords(self.init_fn, 2)[0]
+
+  def init(self, model, params=None, **inputs):
+    """See `Editor.init`; unknown keywords raise `ConfigError` first."""
+    _check_keywords(self.name, "init", self.init_fn, 2, inputs)
+    return self.init_fn(model, params, **inputs)
+
+  def apply(self, model, params, requests, state, **options):
+    """See `Editor.apply`; unknown keywords raise `ConfigError` first."""
+    _check_keywords(self.name, "apply", self.apply_fn, 4, options)
+    return self.apply_fn(model, params, requests, state, **options)
+
+
+def select_inputs(editor, inputs: Mapping) -> dict:
+  """The entries of `inputs` that `editor.init` accepts.
+
+  A harness that offers every method the same menu of inputs (a Fisher
+  dataset, KL inputs, ...) passes each only what its `init` declares.
+  """
+  accepted = getattr(editor, "init_keywords", None)
+  if accepted is None:
+    return dict(inputs)
+  return {k: v for k, v in inputs.items() if k in accepted}
 
 
 # -- parameter pytrees ------------------------------------------------------
@@ -190,23 +413,44 @@ def get_leaf(params, path: Sequence[str]):
   return node
 
 
-def replace_leaves(params, updates: Mapping[tuple, Any]):
+def replace_leaves(params, updates: Mapping[tuple, Any], *,
+                   allow_new: bool = False):
   """A new pytree with `updates` (path tuple -> array) replacing leaves.
 
   Only the dicts on the way to a replaced leaf are copied; every other leaf
   is shared with `params`, which is left untouched.
+
+  Args:
+    params: a nested dict pytree.
+    updates: path tuple -> new leaf.
+    allow_new: create paths that do not exist (and the dicts on the way);
+      by default a missing leaf is an error.
+
+  Raises:
+    SiteError: a path that does not exist (without `allow_new`), or one that
+      runs through a leaf.
   """
+  updates = {tuple(p): v for p, v in updates.items()}
+
   def rebuild(node, prefix):
     out = dict(node)
-    for key in node:
+    below = [p for p in updates if p[:len(prefix)] == prefix and
+             len(p) > len(prefix)]
+    for key in dict.fromkeys(p[len(prefix)] for p in below):
       path = prefix + (key,)
       if path in updates:
         out[key] = updates[path]
-      elif any(p[:len(path)] == path for p in updates):
-        out[key] = rebuild(node[key], path)
+      else:
+        child = node.get(key, {}) if isinstance(node, Mapping) else {}
+        if not isinstance(child, Mapping):
+          raise errors.SiteError(
+              f"cannot create {'/'.join(p for p in below[0])}: "
+              f"{'/'.join(path)} is a leaf.")
+        out[key] = rebuild(child, path)
     return out
-  for path in updates:
-    get_leaf(params, path)
+  if not allow_new:
+    for path in updates:
+      get_leaf(params, path)
   return rebuild(params, ())
 
 

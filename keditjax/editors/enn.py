@@ -22,7 +22,8 @@ matching `params_regex` are edited; the outer optimiser trains all of θ.
   objective, batch_fn, valid = enn_training.build(config)   # the trainer's
   editor = keditjax.editors.get("enn", lr=0.003, max_steps=100)
   state = editor.init(classifier)        # a cnn.Classifier (meta-trained)
-  new_params, state, info = editor.apply(classifier.params, requests, state)
+  new_params, state, info = editor.apply(classifier, classifier.params,
+                                         requests, state)
 
 `meta_loss` is written against any `logits_fn(params, images) -> [B, K]`, so
 the tests check it on a tiny MLP; `evaluation.enn_training.build` binds it
@@ -241,14 +242,28 @@ class ENNHParams:
           f"{list(_cnn_leaf_paths())}.")
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ENNState:
-  """task: the `ClassifierTask`; paths: edited leaves; loop: the jitted
-  editor; edits: edits applied so far through this state."""
-  task: Any
-  paths: tuple
-  loop: Any
-  edits: int = 0
+  """paths: the edited leaves (static); edits: edits applied so far through
+  this state (an int32 array). The jitted editor is cached by `_loop`."""
+  paths: tuple = dataclasses.field(metadata=dict(static=True))
+  edits: Any = dataclasses.field(
+      default_factory=lambda: np.asarray(0, np.int32))
+
+
+_LOOPS: dict = {}
+
+
+def _loop(hp: ENNHParams, model):
+  """`_make_loop` for `hp` on models like `model`, built once per
+  (hyper-parameters, model type, config)."""
+  key = (hp,) + tasks.model_key(model)
+  if key not in _LOOPS:
+    if len(_LOOPS) >= 16:
+      _LOOPS.pop(next(iter(_LOOPS)))
+    _LOOPS[key] = _make_loop(tasks.task_for(model), hp)
+  return _LOOPS[key]
 
 
 def _make_loop(task, hp: ENNHParams):
@@ -292,35 +307,33 @@ def _make_loop(task, hp: ENNHParams):
   return loop
 
 
-def enn(hparams: ENNHParams = ENNHParams()) -> base.Editor:
+def enn(hparams: ENNHParams = ENNHParams()) -> base.FunctionalEditor:
   """The ENN editor: `hparams.max_steps` at most of the meta-trained
   gradient-descent editor on the `params_regex` leaves of a classifier."""
 
-  def init(model, params=None, **unused):
+  def init(model, params=None):
     """Selects the edited leaves of a classifier (a `cnn.Classifier`).
-
-    Other keyword arguments (the vision runner's `fisher_data`,
-    `kl_inputs`, `progress`) are accepted and ignored.
 
     Raises:
       ConfigError: not a classifier, or the regex selects no leaf.
     """
-    del unused
     params = model.params if params is None else params
     task = tasks.task_for(model)
     if task.kind != "classifier":
       raise errors.ConfigError(
           f"enn edits image classifiers; got a {task.kind}.")
     paths = tuple(sorted(tasks.select(params, hparams.params_regex)))
-    return ENNState(task, paths, _make_loop(task, hparams))
+    return ENNState(paths)
 
-  def apply(params, requests, state: ENNState):
+  def apply(model, params, requests, state: ENNState):
     """Runs the editor on `requests` (`.image`, `.label`; a list or one)."""
     timer = base.Timer()
     with timer("prepare"):
-      batch = state.task.edit_batch(requests)  # validates before any work
+      task = tasks.task_for(model)
+      batch = task.edit_batch(requests)  # validates before any work
+      loop = _loop(hparams, model)
     with timer("optimize"):
-      sub, trace = state.loop(params, batch, state.paths)
+      sub, trace = loop(params, batch, state.paths)
       sub = jax.block_until_ready(sub)
     new_params = tasks.merge(params, sub)
     with timer("describe"):
@@ -333,10 +346,14 @@ def enn(hparams: ENNHParams = ENNHParams()) -> base.Editor:
               "held_within_k": bool(trace["held"]) and
                                steps <= hparams.inner_steps}
     rows = int(np.sum(np.asarray(batch["weights"]).sum(-1) > 0))
-    new_state = dataclasses.replace(state, edits=state.edits + rows)
-    return new_params, new_state, base.EditInfo(changed, timer.seconds, extras)
+    new_state = dataclasses.replace(
+        state, edits=np.asarray(int(state.edits) + rows, np.int32))
+    records = base.leaf_records("enn", base.request_items(requests),
+                                state.paths)
+    return new_params, new_state, base.EditInfo(changed, timer.seconds, extras,
+                                                 records)
 
-  return base.Editor("enn", hparams, init, apply)
+  return base.FunctionalEditor("enn", hparams, init, apply)
 
 
 __all__ = ["ENNHParams", "ENNState", "INNER_OPTIMIZERS", "edit_loss_rows",

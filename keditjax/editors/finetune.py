@@ -28,7 +28,14 @@ edit loss is below `stop_loss`; its per-step edit losses (and, for FT-L,
 
   editor = keditjax.editors.get("ftl", radius=1e-3)
   state = editor.init(model)                  # a LanguageModel or a classifier
-  new_params, state, info = editor.apply(model.params, requests, state)
+  new_params, state, info = editor.apply(model, model.params, requests, state)
+
+The state holds arrays only (the KL batch and reference log-probabilities,
+the Fisher and anchor keyed by "a/b/c" leaf paths, the edit count); the
+jitted loop is cached outside it, by method, hyper-parameters, optimizer
+and the model's type and config. `init` takes only the inputs its method
+uses: `kl_inputs` (ftkl), `fisher_data`, `mesh`, `progress`, `use_cache`
+(ewc).
 """
 
 from __future__ import annotations
@@ -183,27 +190,56 @@ class EWCHParams(FTHParams):
           f"online_weight={self.online_weight} must be > 0.")
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class FinetuneState:
   """What `init` prepares.
 
   Attributes:
-    task: the model's task (`tasks.task_for`).
-    paths: the tuned leaves' path tuples.
-    loop: the jitted edit loop (compiled once per batch shape).
+    paths: the tuned leaves' path tuples (static).
     kl: `{"batch", "logp0"}` for FT+KL, else None.
-    fisher, anchor: `{path: array}` for EWC, else None.
-    fisher_examples: examples behind `fisher`.
-    edits: edits applied so far through this state.
+    fisher, anchor: `{"a/b/c": array}` for EWC, else None.
+    edits: edits applied so far through this state (an int32 array).
+    fisher_examples: examples behind `fisher` (static).
   """
-  task: Any
-  paths: tuple
-  loop: Any = None
+  paths: tuple = dataclasses.field(metadata=dict(static=True))
   kl: dict | None = None
   fisher: dict | None = None
   anchor: dict | None = None
-  fisher_examples: int = 0
-  edits: int = 0
+  edits: Any = dataclasses.field(
+      default_factory=lambda: np.asarray(0, np.int32))
+  fisher_examples: int = dataclasses.field(default=0,
+                                           metadata=dict(static=True))
+
+
+def _key(path) -> str:
+  return "/".join(path)
+
+
+def by_path(state: FinetuneState, field: str) -> dict:
+  """`state.fisher` or `state.anchor` keyed by path tuples (the tuned
+  leaves' layout)."""
+  values = getattr(state, field)
+  return {p: values[_key(p)] for p in state.paths}
+
+
+_LOOPS: dict = {}
+
+
+def cached_loop(method: str, hp, optimizer, model):
+  """The jitted edit loop for `method` on models like `model`, built once.
+
+  Keyed by the method, the hyper-parameters, the optimizer (None: the one
+  `hp` names) and the model's type and config (all hashable), so a state
+  never holds it.
+  """
+  key = (method, hp, optimizer) + tasks.model_key(model)
+  if key not in _LOOPS:
+    if len(_LOOPS) >= 32:
+      _LOOPS.pop(next(iter(_LOOPS)))
+    tx = optimizer or getattr(optax, hp.optimizer)(hp.lr)
+    _LOOPS[key] = _make_loop(tasks.task_for(model), hp, tx, method)
+  return _LOOPS[key]
 
 
 def _kl_loss(logits_BxTxC, logp0_BxTxC, weights_BxT):
@@ -297,93 +333,118 @@ def _lm_text_batch(task, data, examples, length):
   return batches[0][0]
 
 
-def _finetune(method: str, hparams, optimizer=None) -> base.Editor:
+def _finetune(method: str, hparams, optimizer=None) -> base.FunctionalEditor:
   """The editor for `method` with `hparams` (see the module docstring)."""
-  tx = optimizer or getattr(optax, hparams.optimizer)(hparams.lr)
 
-  def init(model, params=None, *, kl_inputs=None, fisher_data=None,
-           mesh=None, progress: bool = True, use_cache: bool = True):
-    """Selects the tuned leaves and precomputes the regularizer.
+  def prepare(model, params):
+    params = model.params if params is None else params
+    task = tasks.task_for(model)
+    regex = hparams.params_regex or task.default_regex
+    paths = tuple(sorted(tasks.select(params, regex)))
+    return params, task, FinetuneState(paths)
+
+  def init_plain(model, params=None):
+    """Selects the tuned leaves (`params_regex`).
 
     Args:
       model: a decoder `LanguageModel` or a classifier (`logits`,
         `num_classes`, `image_shape`).
       params: the weights θ₀ (default `model.params`).
-      kl_inputs: FT+KL's unrelated inputs: texts, a corpus spec (None:
-        WikiText-2) for language models; an image array for classifiers.
-      fisher_data: EWC's dataset: texts or a corpus spec (None: WikiText-2)
-        for language models; `{"images", "labels"}` for classifiers.
+
+    Raises:
+      ConfigError: the regex selects nothing.
+    """
+    return prepare(model, params)[2]
+
+  def init_kl(model, params=None, *, kl_inputs=None):
+    """Selects the tuned leaves and the KL term's reference predictions.
+
+    Args:
+      model, params: as for FT.
+      kl_inputs: unrelated inputs: texts, a corpus spec (None: WikiText-2)
+        for language models; an image array for classifiers.
+
+    Raises:
+      ConfigError: the regex selects nothing, or a classifier without
+        `kl_inputs`.
+    """
+    params, task, state = prepare(model, params)
+    if task.kind == "classifier":
+      if kl_inputs is None:
+        raise errors.ConfigError(
+            "ftkl on a classifier needs kl_inputs= (unrelated images).")
+      batch = task.image_batch(np.asarray(kl_inputs)[:hparams.kl_examples])
+    else:
+      batch = _lm_text_batch(task, kl_inputs, hparams.kl_examples,
+                             hparams.kl_length)
+    logp0 = jax.nn.log_softmax(task.logits(params, batch), -1)
+    return dataclasses.replace(state, kl={"batch": batch, "logp0": logp0})
+
+  def init_ewc(model, params=None, *, fisher_data=None, mesh=None,
+               progress: bool = True, use_cache: bool = True):
+    """Selects the tuned leaves and takes the diagonal Fisher at θ*.
+
+    Args:
+      model, params: as for FT.
+      fisher_data: texts or a corpus spec (None: WikiText-2) for language
+        models; `{"images", "labels"}` for classifiers.
       mesh: the Fisher computation's device mesh (default: all devices).
       progress: show a progress bar for the Fisher.
       use_cache: read/write the Fisher disk cache.
 
     Raises:
-      ConfigError: the regex selects nothing, or a classifier's EWC/KL data
-        is missing.
+      ConfigError: the regex selects nothing, or a classifier without
+        `fisher_data`.
     """
-    params = model.params if params is None else params
-    task = tasks.task_for(model)
-    regex = hparams.params_regex or task.default_regex
-    paths = tuple(sorted(tasks.select(params, regex)))
-    state = FinetuneState(task, paths, _make_loop(task, hparams, tx, method))
-    if method == "ftkl":
-      if task.kind == "classifier":
-        if kl_inputs is None:
-          raise errors.ConfigError(
-              "ftkl on a classifier needs kl_inputs= (unrelated images).")
-        batch = task.image_batch(np.asarray(kl_inputs)[:hparams.kl_examples])
-      else:
-        batch = _lm_text_batch(task, kl_inputs, hparams.kl_examples,
-                               hparams.kl_length)
-      logp0 = jax.nn.log_softmax(task.logits(params, batch), -1)
-      state = dataclasses.replace(state, kl={"batch": batch, "logp0": logp0})
-    if method == "ewc":
-      if task.kind == "classifier":
-        if fisher_data is None:
-          raise errors.ConfigError(
-              "ewc on a classifier needs fisher_data={'images', 'labels'}.")
-        batches = task.data_batches(fisher_data,
-                                    batch_size=hparams.fisher_batch,
-                                    examples=hparams.fisher_examples)
-        key = {"images": fisher.digest(fisher_data["images"]),
-               "labels": fisher.digest(fisher_data["labels"]),
-               "examples": hparams.fisher_examples}
-      else:
-        batches = task.text_batches(_corpus_texts(fisher_data),
-                                    length=hparams.fisher_length,
-                                    examples=hparams.fisher_examples,
-                                    batch_size=hparams.fisher_batch)
-        key = {"corpus": (stats.resolve_corpus(fisher_data).identity
-                          if fisher_data is None or isinstance(fisher_data, str)
-                          else fisher.digest("\n".join(fisher_data))),
-               "examples": hparams.fisher_examples,
-               "length": hparams.fisher_length}
-      total = -(-hparams.fisher_examples // hparams.fisher_batch)
-      fish, count = fisher.fisher_diagonal(
-          task, params, paths, batches, kind=hparams.fisher,
-          samples=hparams.fisher_samples, seed=hparams.seed,
-          chunk=hparams.fisher_chunk, mesh=mesh, progress=progress,
-          total=total, cache_key=key, use_cache=use_cache)
-      anchor = {p: jnp.asarray(base.get_leaf(params, p)) for p in paths}
-      state = dataclasses.replace(
-          state, fisher={p: jnp.asarray(v) for p, v in fish.items()},
-          anchor=anchor, fisher_examples=count)
-    return state
+    params, task, state = prepare(model, params)
+    paths = state.paths
+    if task.kind == "classifier":
+      if fisher_data is None:
+        raise errors.ConfigError(
+            "ewc on a classifier needs fisher_data={'images', 'labels'}.")
+      batches = task.data_batches(fisher_data,
+                                  batch_size=hparams.fisher_batch,
+                                  examples=hparams.fisher_examples)
+      key = {"images": fisher.digest(fisher_data["images"]),
+             "labels": fisher.digest(fisher_data["labels"]),
+             "examples": hparams.fisher_examples}
+    else:
+      batches = task.text_batches(_corpus_texts(fisher_data),
+                                  length=hparams.fisher_length,
+                                  examples=hparams.fisher_examples,
+                                  batch_size=hparams.fisher_batch)
+      key = {"corpus": (stats.resolve_corpus(fisher_data).identity
+                        if fisher_data is None or isinstance(fisher_data, str)
+                        else fisher.digest("\n".join(fisher_data))),
+             "examples": hparams.fisher_examples,
+             "length": hparams.fisher_length}
+    total = -(-hparams.fisher_examples // hparams.fisher_batch)
+    fish, count = fisher.fisher_diagonal(
+        task, params, paths, batches, kind=hparams.fisher,
+        samples=hparams.fisher_samples, seed=hparams.seed,
+        chunk=hparams.fisher_chunk, mesh=mesh, progress=progress,
+        total=total, cache_key=key, use_cache=use_cache)
+    anchor = {_key(p): jnp.asarray(base.get_leaf(params, p)) for p in paths}
+    return dataclasses.replace(
+        state, fisher={_key(p): jnp.asarray(v) for p, v in fish.items()},
+        anchor=anchor, fisher_examples=int(count))
 
-  def apply(params, requests, state: FinetuneState):
+  def apply(model, params, requests, state: FinetuneState):
     """Fine-tunes the selected leaves on `requests` (a list or one)."""
     timer = base.Timer()
     with timer("prepare"):
-      task = state.task
+      task = tasks.task_for(model)
       batch = task.edit_batch(requests)  # validates before any work
+      loop = cached_loop(method, hparams, optimizer, model)
       sub0 = {p: base.get_leaf(params, p) for p in state.paths}
       extra = {}
       if state.kl is not None:
         extra["kl"] = state.kl
       if state.fisher is not None:
-        extra["fisher"], extra["anchor"] = state.fisher, state.anchor
+        extra["fisher"] = by_path(state, "fisher")
+        extra["anchor"] = by_path(state, "anchor")
     with timer("optimize"):
-      sub, trace = state.loop(sub0, params, batch, extra)
+      sub, trace = loop(sub0, params, batch, extra)
       sub = jax.block_until_ready(sub)
     new_params = tasks.merge(params, sub)
     with timer("describe"):
@@ -396,15 +457,18 @@ def _finetune(method: str, hparams, optimizer=None) -> base.Editor:
       extras["linf"] = np.asarray(trace["linf"])[:evals].tolist()
       extras["radius"] = hparams.radius
     rows = int(np.sum(np.asarray(batch["weights"]).sum(-1) > 0))
-    new_state = dataclasses.replace(state, edits=state.edits + rows)
+    edits = int(state.edits)
+    new_state = dataclasses.replace(state,
+                                    edits=np.asarray(edits + rows, np.int32))
     if method == "ewc" and hparams.online:
       with timer("fisher"):
         fish, _ = fisher.fisher_diagonal(
             task, new_params, state.paths, [(batch, rows)],
             kind=hparams.fisher, samples=hparams.fisher_samples,
-            seed=hparams.seed + state.edits + 1, chunk=1, mesh=None,
+            seed=hparams.seed + edits + 1, chunk=1, mesh=None,
             progress=False)
-        old_f = {p: hparams.gamma * state.fisher[p] for p in state.paths}
+        old_fisher, old_anchor = extra["fisher"], extra["anchor"]
+        old_f = {p: hparams.gamma * old_fisher[p] for p in state.paths}
         new_f = {p: hparams.online_weight * jnp.asarray(fish[p])
                  for p in state.paths}
         total = {p: old_f[p] + new_f[p] for p in state.paths}
@@ -412,32 +476,39 @@ def _finetune(method: str, hparams, optimizer=None) -> base.Editor:
           anchor = dict(sub)
         else:  # Σ_k F_k (θ − θ_k)² = F (θ − Σ_k F_k θ_k / F)² + const
           anchor = {p: jnp.where(total[p] > 0, (
-              old_f[p] * state.anchor[p] + new_f[p] * sub[p]) / jnp.where(
-                  total[p] > 0, total[p], 1.0), state.anchor[p])
+              old_f[p] * old_anchor[p] + new_f[p] * sub[p]) / jnp.where(
+                  total[p] > 0, total[p], 1.0), old_anchor[p])
                     for p in state.paths}
-        new_state = dataclasses.replace(new_state, fisher=total,
-                                        anchor=anchor)
-    return new_params, new_state, base.EditInfo(changed, timer.seconds, extras)
+        new_state = dataclasses.replace(
+            new_state, fisher={_key(p): v for p, v in total.items()},
+            anchor={_key(p): v for p, v in anchor.items()})
+    items = base.request_items(requests)
+    if task.kind == "language_model":
+      items = list(base.make_requests(items))
+    records = base.leaf_records(method, items, state.paths)
+    return new_params, new_state, base.EditInfo(changed, timer.seconds, extras,
+                                                 records)
 
-  return base.Editor(method, hparams, init, apply)
+  init = {"ftkl": init_kl, "ewc": init_ewc}.get(method, init_plain)
+  return base.FunctionalEditor(method, hparams, init, apply)
 
 
-def ft(hparams: FTHParams = FTHParams(), optimizer=None) -> base.Editor:
+def ft(hparams: FTHParams = FTHParams(), optimizer=None) -> base.FunctionalEditor:
   """Plain fine-tuning (`optimizer`: an optax transformation overriding
   `hparams.optimizer`/`lr`)."""
   return _finetune("ft", hparams, optimizer)
 
 
-def ftl(hparams: FTLHParams = FTLHParams(), optimizer=None) -> base.Editor:
+def ftl(hparams: FTLHParams = FTLHParams(), optimizer=None) -> base.FunctionalEditor:
   """Fine-tuning projected onto an L∞ ball (Zhu et al. 2020)."""
   return _finetune("ftl", hparams, optimizer)
 
 
-def ftkl(hparams: FTKLHParams = FTKLHParams(), optimizer=None) -> base.Editor:
+def ftkl(hparams: FTKLHParams = FTKLHParams(), optimizer=None) -> base.FunctionalEditor:
   """Fine-tuning with a KL term on unrelated inputs."""
   return _finetune("ftkl", hparams, optimizer)
 
 
-def ewc(hparams: EWCHParams = EWCHParams(), optimizer=None) -> base.Editor:
+def ewc(hparams: EWCHParams = EWCHParams(), optimizer=None) -> base.FunctionalEditor:
   """Fine-tuning with the EWC penalty (Kirkpatrick et al. 2017)."""
   return _finetune("ewc", hparams, optimizer)

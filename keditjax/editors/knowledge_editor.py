@@ -4,7 +4,7 @@ weight update that flips a classifier's verdict on a claim.
 
   editor = editors.get("knowledge_editor")
   state = editor.init(checker, trained=hyper_params)      # a FactChecker
-  new_params, state, info = editor.apply(checker.params,
+  new_params, state, info = editor.apply(checker, checker.params,
                                          {"claim": "...", "label": 1}, state)
 
 Conditioning. The paper encodes the edit (x, y, a) with a bi-LSTM over x's
@@ -45,6 +45,7 @@ once it holds. P(x) are rewrites of x (`fever.TRAIN_RULES`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -266,18 +267,34 @@ def make_loss(hp: KnowledgeEditorHParams, config: fc.FactCheckerConfig,
 
 # -- the editor ------------------------------------------------------------
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KnowledgeEditorState:
-  """What `init` prepares: the model, the trained hypernetwork, the jitted
-  edit function, and the number of edits applied through this state."""
-  model: Any
+  """What `init` prepares: the trained hypernetwork and the number of edits
+  applied through this state (an int32 array)."""
   hyper: Any
-  edit_fn: Any
-  edits: int = 0
+  edits: Any = dataclasses.field(
+      default_factory=lambda: np.asarray(0, np.int32))
+
+
+@functools.lru_cache(maxsize=8)
+def _edit_fn(hp: KnowledgeEditorHParams, config):
+  """The jitted batch edit for `hp` on models of `config` (cached here, not
+  in the state)."""
+
+  @jax.jit
+  def edit_fn(hyper, params, batch, old_B, new_B, weight_B):
+    def one(tokens, mask, old, new):
+      return _edit_one(hp, config, hyper, params,
+                       {"tokens": tokens[None], "mask": mask[None]}, old, new)
+    per_row = jax.vmap(one)(batch["tokens"], batch["mask"], old_B, new_B)
+    return {p: jnp.tensordot(weight_B, d, 1) for p, d in per_row.items()}
+
+  return edit_fn
 
 
 def knowledge_editor(hparams: KnowledgeEditorHParams = KnowledgeEditorHParams()
-                     ) -> base.Editor:
+                     ) -> base.FunctionalEditor:
   """The KnowledgeEditor editor (see the module docstring)."""
   hp = hparams
 
@@ -308,42 +325,37 @@ def knowledge_editor(hparams: KnowledgeEditorHParams = KnowledgeEditorHParams()
                                                jax.tree.leaves(expected))):
       raise errors.ConfigError(
           "the trained hypernetwork does not match these targets/model shapes.")
-    config = model.config
-
-    @jax.jit
-    def edit_fn(hyper, params, batch, old_B, new_B, weight_B):
-      def one(tokens, mask, old, new):
-        return _edit_one(hp, config, hyper, params,
-                         {"tokens": tokens[None], "mask": mask[None]}, old, new)
-      per_row = jax.vmap(one)(batch["tokens"], batch["mask"], old_B, new_B)
-      return {p: jnp.tensordot(weight_B, d, 1) for p, d in per_row.items()}
-
     trained = jax.tree.map(jnp.asarray, trained)
-    return KnowledgeEditorState(model, trained, edit_fn)
+    return KnowledgeEditorState(trained)
 
-  def apply(params, requests, state: KnowledgeEditorState):
+  def apply(model, params, requests, state: KnowledgeEditorState):
     """Edits `params` so that each request's claim gets its `label`."""
     timer = base.Timer()
     with timer("prepare"):
-      task = tasks.TextClassifierTask(state.model)
+      task = tasks.TextClassifierTask(model)
       batch = task.edit_batch(requests)  # validates before any work
+      edit_fn = _edit_fn(hp, model.config)
       inputs = {"tokens": batch["tokens"], "mask": batch["mask"]}
-      old = state.model.predict(params, inputs).astype(np.int32)
+      old = model.predict(params, inputs).astype(np.int32)
       new = batch["labels"][:, 0]
       weight = batch["weights"][:, 0]
     with timer("hypernetwork"):
       updates = jax.block_until_ready(
-          state.edit_fn(state.hyper, params, inputs, old, new, weight))
+          edit_fn(state.hyper, params, inputs, old, new, weight))
     new_leaves = {p: base.get_leaf(params, p) + d for p, d in updates.items()}
     new_params = tasks.merge(params, new_leaves)
     with timer("describe"):
       changed = base.describe_changes(params, new_leaves)
     rows = int(weight.sum())
-    return new_params, dataclasses.replace(state, edits=state.edits + rows), (
-        base.EditInfo(changed, timer.seconds,
-                      {"old": old[:rows].tolist(), "new": new[:rows].tolist()}))
+    records = base.leaf_records("knowledge_editor",
+                                base.request_items(requests), new_leaves)
+    return new_params, dataclasses.replace(
+        state, edits=np.asarray(int(state.edits) + rows, np.int32)), (
+            base.EditInfo(changed, timer.seconds,
+                          {"old": old[:rows].tolist(),
+                           "new": new[:rows].tolist()}, records))
 
-  return base.Editor("knowledge_editor", hp, init, apply)
+  return base.FunctionalEditor("knowledge_editor", hp, init, apply)
 
 
 # -- the training recipe ---------------------------------------------------

@@ -100,13 +100,14 @@ class KnowledgeNeuronsHParams:
   batch_size: int = 128
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KnowledgeNeuronsState:
-  """What `apply` needs from the model: config, tokenizer, parameter paths."""
-  config: Any
-  tokenizer: Any
-  embed_path: tuple[str, ...]
-  value_paths: tuple[tuple[str, ...], ...]  # indexed by layer
+  """The parameter paths `apply` edits (static metadata only; the config
+  and tokenizer come from the model given to `apply`)."""
+  embed_path: tuple[str, ...] = dataclasses.field(metadata=dict(static=True))
+  value_paths: tuple[tuple[str, ...], ...] = dataclasses.field(
+      metadata=dict(static=True))  # indexed by layer
 
 
 def _check_hparams(h: KnowledgeNeuronsHParams) -> None:
@@ -368,7 +369,7 @@ def _paraphrases(item) -> list[str]:
 
 
 def knowledge_neurons(hparams: KnowledgeNeuronsHParams = KnowledgeNeuronsHParams()
-                      ) -> base.Editor:
+                      ) -> base.FunctionalEditor:
   """The knowledge-neurons editor (Dai et al. 2022).
 
   Args:
@@ -376,27 +377,27 @@ def knowledge_neurons(hparams: KnowledgeNeuronsHParams = KnowledgeNeuronsHParams
 
   Returns:
     `Editor(name="kn")`: `init(model, params=None) -> KnowledgeNeuronsState`,
-    `apply(params, requests, state) -> (new_params, state, EditInfo)`.
+    `apply(model, params, requests, state) -> (new_params, state, EditInfo)`.
 
   Raises:
     ConfigError: invalid hyper-parameters.
   """
   _check_hparams(hparams)
 
-  def init(model, params=None, **unused_kw):
-    """State for `apply`: config, tokenizer and the value/embedding paths."""
+  def init(model, params=None):
+    """State for `apply`: the value/embedding paths."""
+    del params
     config = model.config
     if getattr(model, "tokenizer", None) is None:
       raise errors.TokenizerError(f"kn needs a tokenizer; {model!r} has none.")
     if hparams.layers is not None:
       base.check_layers(hparams.layers, config.num_layers, "kn.layers")
     return KnowledgeNeuronsState(
-        config=config, tokenizer=model.tokenizer,
         embed_path=model.site_param("embed"),
         value_paths=tuple(model.site_param(f"layer/{l}/mlp/value")
                           for l in range(config.num_layers)))
 
-  def apply(params, requests, state: KnowledgeNeuronsState):
+  def apply(model, params, requests, state: KnowledgeNeuronsState):
     """Edits each request in turn (later ones see earlier edits).
 
     The old answer t is `target_true`'s first token; a request without
@@ -422,7 +423,9 @@ def knowledge_neurons(hparams: KnowledgeNeuronsHParams = KnowledgeNeuronsHParams
             f"requests must be a Request, a dict or a list of those, got "
             f"{type(requests).__name__}.") from None
     checked = base.make_requests(raw)
-    config, tok = state.config, state.tokenizer
+    config, tok = model.config, model.tokenizer
+    if tok is None:
+      raise errors.TokenizerError(f"kn needs a tokenizer; {model!r} has none.")
     layers = base.check_layers(
         range(config.num_layers) if hparams.layers is None else hparams.layers,
         config.num_layers, "kn.layers")
@@ -453,7 +456,7 @@ def knowledge_neurons(hparams: KnowledgeNeuronsHParams = KnowledgeNeuronsHParams
                 ids(req.target_true, "target_true", req.case_id)[0])))
 
     timer = base.Timer()
-    current, updates, reports = params, {}, []
+    current, updates, reports, touched = params, {}, [], []
     for job in jobs:
       with timer("attribution"):
         probs, keys = next_token_probs(config, current, job["prompt_ids"][0],
@@ -474,6 +477,7 @@ def knowledge_neurons(hparams: KnowledgeNeuronsHParams = KnowledgeNeuronsHParams
                                         job["new"], signs, hparams)
         current = base.replace_leaves(current, new_kernels)
         updates.update(new_kernels)
+        touched.append(tuple(base.LeafDelta(p) for p in new_kernels))
       reports.append({
           "case_id": job["request"].case_id,
           "neurons": neurons,
@@ -488,10 +492,12 @@ def knowledge_neurons(hparams: KnowledgeNeuronsHParams = KnowledgeNeuronsHParams
     with timer("describe"):
       changed = base.describe_changes(params, updates)
     info = base.EditInfo(changed=changed, seconds=timer.seconds,
-                         extras={"requests": reports})
+                         extras={"requests": reports},
+                         records=base.make_records(
+                             "kn", [job["request"] for job in jobs], touched))
     return current, state, info
 
-  return base.Editor(name="kn", hparams=hparams, init=init, apply=apply)
+  return base.FunctionalEditor("kn", hparams, init, apply)
 
 
 __all__ = ["KnowledgeNeuronsHParams", "KnowledgeNeuronsState",

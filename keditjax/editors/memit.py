@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -76,12 +77,19 @@ class MemitHParams:
     return self.lambda_per_unit * intermediate_size
 
 
-@dataclasses.dataclass
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class MemitState:
-  """Templates and per-layer key covariances C_l."""
-  model: object
-  templates: tuple
-  covariance: dict
+  """Templates and per-layer key covariances.
+
+  Attributes:
+    templates: the context templates (static).
+    layers: the edited layers, sorted (static).
+    covariance: {str(layer): C_l `[F, F]`}.
+  """
+  templates: tuple = dataclasses.field(metadata=dict(static=True))
+  layers: tuple = dataclasses.field(metadata=dict(static=True))
+  covariance: dict = dataclasses.field(default_factory=dict)
 
 
 def validate(model, requests):
@@ -103,19 +111,23 @@ def init_state(model, params, hparams, covariance, templates) -> MemitState:
   if templates is None:
     templates = compute.context_templates(
         model, params, hparams.context_lengths, seed=hparams.seed)
-  return MemitState(model, tuple(templates), cov)
+  return MemitState(tuple(templates), tuple(sorted(layers)),
+                    {str(l): c for l, c in cov.items()})
 
 
-def spread_update(params, requests, state, hparams, solve):
+def spread_update(model, params, requests, state, hparams, solve, factor,
+                  method: str):
   """MEMIT's layer-by-layer spreading with a pluggable per-layer solve.
 
   Args:
     solve: `(layer, keys_NxF, residuals_NxD, w_FxD) -> ΔW` for one layer.
+    factor: `(layer, keys_NxF) -> X_FxN` with `solve(...) = X @ R` (the
+      records' factors; ΔW itself is `solve`'s, unchanged).
+    method: the editor's name (for the records).
 
   Returns:
     (new params, EditInfo, {layer: keys_NxF}).
   """
-  model = state.model
   layers = tuple(sorted(hparams.layers))
   last = layers[-1]
   timer = base.Timer()
@@ -126,6 +138,7 @@ def spread_update(params, requests, state, hparams, solve):
         chunk=hparams.v_chunk)
   new_params = params
   updates, keys_by_layer = {}, {}
+  touched = [[] for _ in requests]
   n_templates = len(state.templates)
   rows = [compute.tokenize_around_subject(model.tokenizer, compute.fill(t, r),
                                           r.subject)
@@ -157,17 +170,25 @@ def spread_update(params, requests, state, hparams, solve):
       new_params = base.replace_leaves(new_params, {path: new_w})
       updates[path] = new_w
       keys_by_layer[layer] = keys_NxF
+    with timer("records"):
+      x_FxN = np.asarray(factor(layer, jnp.asarray(keys_NxF, jnp.float32)),
+                         np.float32)
+      r_NxD = np.asarray(residuals_NxD, np.float32)
+      for j in range(len(requests)):
+        touched[j].append(base.LeafDelta(
+            path, (x_FxN[:, j:j + 1].copy(), r_NxD[j:j + 1].copy())))
   info = base.EditInfo(
       changed=base.describe_changes(params, updates),
       seconds=timer.seconds,
       extras={"steps": values["steps"].tolist(),
               "loss": values["loss"].tolist(),
               "nll": values["nll"].tolist(),
-              "delta_norm": np.linalg.norm(values["delta"], axis=-1).tolist()})
+              "delta_norm": np.linalg.norm(values["delta"], axis=-1).tolist()},
+      records=base.make_records(method, requests, [tuple(t) for t in touched]))
   return new_params, info, keys_by_layer
 
 
-def memit(hparams: MemitHParams = MemitHParams()) -> base.Editor:
+def memit(hparams: MemitHParams = MemitHParams()) -> base.FunctionalEditor:
   """The MEMIT editor for `hparams` (see the module docstring)."""
 
   def init(model, params=None, *, covariance=None, templates=None):
@@ -181,20 +202,24 @@ def memit(hparams: MemitHParams = MemitHParams()) -> base.Editor:
     """
     return init_state(model, params, hparams, covariance, templates)
 
-  def apply(params, requests, state: MemitState):
+  def apply(model, params, requests, state: MemitState):
     """Writes every request in one batch (non-successive within the call)."""
-    requests = validate(state.model, requests)
-    lam = hparams.lam(state.model.config.intermediate_size)
+    requests = validate(model, requests)
+    lam = hparams.lam(model.config.intermediate_size)
 
     def solve(layer, keys, residuals, w):
       del w
       return linalg.memit_update(
-          keys, residuals, jnp.asarray(state.covariance[layer], jnp.float32),
-          lam)
+          keys, residuals,
+          jnp.asarray(state.covariance[str(layer)], jnp.float32), lam)
 
-    new_params, info, _ = spread_update(params, requests, state, hparams,
-                                        solve)
+    def factor(layer, keys):
+      return linalg.memit_factor(
+          keys, jnp.asarray(state.covariance[str(layer)], jnp.float32), lam)
+
+    new_params, info, _ = spread_update(model, params, requests, state,
+                                        hparams, solve, factor, "memit")
     info.extras["lambda"] = lam
     return new_params, state, info
 
-  return base.Editor("memit", hparams, init, apply)
+  return base.FunctionalEditor("memit", hparams, init, apply)

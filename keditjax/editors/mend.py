@@ -25,6 +25,10 @@ and edits with `W' = W − α_ℓ Σ_t x̃_t δ̃_tᵀ` (Eq. 3-4). Here
 
 `apply` edits in one forward/backward pass of the base model and one
 forward pass of `g`; no optimisation loop.
+
+  editor = mend(MendHParams(checkpoint=workdir))
+  state = editor.init(model)                      # or trained=(net, norm)
+  new_params, state, info = editor.apply(model, model.params, requests, state)
 """
 
 from __future__ import annotations
@@ -232,13 +236,22 @@ def objective_loss(net, frozen, batch, rng, *, config, layers, start_layer,
 
 # -- the editor -----------------------------------------------------------
 
-@dataclasses.dataclass
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class MendState:
+  """The editor network and its input statistics.
+
+  Attributes:
+    net: `g`'s parameters (`init_net`).
+    norm: `{"mean", "std"}` `[layers, F + D]`.
+    layers: the edited blocks (static).
+    edits: `apply` calls so far through this state (an int32 array).
+  """
   net: Any
   norm: Any
-  layers: tuple
-  edits: int = 0
-  model: Any = None
+  layers: tuple = dataclasses.field(metadata=dict(static=True))
+  edits: Any = dataclasses.field(
+      default_factory=lambda: np.asarray(0, np.int32))
 
 
 def export(directory: str, net, norm, meta: dict) -> None:
@@ -329,7 +342,13 @@ def request_rows(model, requests) -> dict:
                             pad_rows=True)
 
 
-def mend(hparams: MendHParams = MendHParams()) -> base.Editor:
+@functools.partial(jax.jit, static_argnames=("config", "layers"))
+def _edit(net, norm, params, rows, *, config, layers):
+  ds = deltas(net, norm, factors(config, params, rows, layers, 0))
+  return edited(config, params, layers, ds)
+
+
+def mend(hparams: MendHParams = MendHParams()) -> base.FunctionalEditor:
   """The MEND editor (module docstring); `init(model, params, trained=...)`.
 
   `trained` is `(net, norm)` or a `MendState`; otherwise the network is
@@ -344,11 +363,18 @@ def mend(hparams: MendHParams = MendHParams()) -> base.Editor:
     raise errors.ConfigError(
         f"MEND rank={hp.rank} must be >= 1 and init_lr={hp.init_lr} > 0.")
 
-  def init(model, params=None, trained=None, **unused):
-    del params, unused
+  def init(model, params=None, *, trained=None):
+    """The trained network: `trained` (`(net, norm)` or a `MendState`) or
+    the one in `hparams.checkpoint`.
+
+    Raises:
+      ConfigError: no network, or bad hyper-parameters.
+      CheckpointError: an unreadable checkpoint, or one for another model.
+    """
+    del params
     layers = check_hparams(hp, model.config)
     if isinstance(trained, MendState):
-      return dataclasses.replace(trained, model=model)
+      return trained
     if trained is not None:
       net, norm = trained
     elif hp.checkpoint:
@@ -359,17 +385,12 @@ def mend(hparams: MendHParams = MendHParams()) -> base.Editor:
           "MEND needs a trained editor network: set mend.checkpoint to a "
           "train_hypernet workdir, or pass trained=(net, norm) to init.")
     return MendState(jax.tree.map(jnp.asarray, net),
-                     jax.tree.map(jnp.asarray, norm), tuple(layers),
-                     model=model)
+                     jax.tree.map(jnp.asarray, norm), tuple(layers))
 
-  @functools.partial(jax.jit, static_argnames=("config", "layers"))
-  def _edit(net, norm, params, rows, *, config, layers):
-    ds = deltas(net, norm, factors(config, params, rows, layers, 0))
-    return edited(config, params, layers, ds)
-
-  def apply(params, requests, state):
+  def apply(model, params, requests, state: MendState):
+    """Edits with all `requests` as one joint edit (the sum of their
+    factors); each request's record names the edited kernels."""
     timer = base.Timer()
-    model = state.model
     with timer("rows"):
       rows = request_rows(model, requests)
     with timer("edit"):
@@ -380,11 +401,14 @@ def mend(hparams: MendHParams = MendHParams()) -> base.Editor:
         new_params, kernel_path(model.config, l)) for l in state.layers}
     info = base.EditInfo(changed=base.describe_changes(params, paths),
                          seconds=timer.seconds,
-                         extras={"layers": list(state.layers)})
-    return new_params, dataclasses.replace(state, edits=state.edits + 1), info
+                         extras={"layers": list(state.layers)},
+                         records=base.leaf_records(
+                             "mend", base.make_requests(requests), paths))
+    return new_params, dataclasses.replace(
+        state, edits=np.asarray(int(state.edits) + 1, np.int32)), info
 
   # The recorded hparams name the loaded network's rank and layers.
-  return base.Editor("mend", network_hparams(hp), init, apply)
+  return base.FunctionalEditor("mend", network_hparams(hp), init, apply)
 
 
 __all__ = ["DECODERS", "MendHParams", "MendState", "deltas", "edited",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -139,12 +140,19 @@ def norm_stats(config, params, pool, count):
   return out
 
 
-@dataclasses.dataclass
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class MendClassifierState:
-  model: object
-  nets: list
-  norms: list
-  edits: int = 0
+  """The trained per-target networks and their input statistics.
+
+  Attributes:
+    nets, norms: one per edited target (`targets(config)`), as tuples.
+    edits: `apply` calls so far through this state (an int32 array).
+  """
+  nets: tuple
+  norms: tuple
+  edits: Any = dataclasses.field(
+      default_factory=lambda: np.asarray(0, np.int32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,46 +165,56 @@ class MendClassifierHParams:
       raise errors.ConfigError(f"mend_classifier scale={self.scale} must be > 0.")
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _edit(config, scale, nets, norms, params, tokens, mask, labels, weights):
+  start = edited_block(config)
+  hidden = fc.lower_hidden(config.encoder, params["encoder"], tokens, mask,
+                           start)
+  fs = _factors(config, params, hidden, mask, labels)
+  fs = [(x * weights[:, None, None], d, m) for x, d, m in fs]
+  return [scale * d for d in _deltas(nets, norms, fs)]
+
+
 def mend_classifier(hparams: MendClassifierHParams = MendClassifierHParams()
-                    ) -> base.Editor:
+                    ) -> base.FunctionalEditor:
   """The editor: `init(model, params=None, trained=(nets, norms))`."""
   hp = hparams
 
-  def init(model, params=None, *, trained=None, **unused):
-    del params, unused
+  def init(model, params=None, *, trained=None):
+    """The trained networks `trained=(nets, norms)`.
+
+    Raises:
+      ConfigError: no `trained`.
+    """
+    del model, params
     if trained is None:
       raise errors.ConfigError(
           "mend_classifier needs trained=(nets, norms) from the trainer "
           "(evaluation.fever_training.build_mend_classifier).")
     nets, norms = trained
-    return MendClassifierState(model, jax.tree.map(jnp.asarray, nets),
-                               jax.tree.map(jnp.asarray, norms))
+    return MendClassifierState(tuple(jax.tree.map(jnp.asarray, nets)),
+                               tuple(jax.tree.map(jnp.asarray, norms)))
 
-  @functools.partial(jax.jit, static_argnums=0)
-  def _edit(config, nets, norms, params, tokens, mask, labels, weights):
-    start = edited_block(config)
-    hidden = fc.lower_hidden(config.encoder, params["encoder"], tokens, mask,
-                             start)
-    fs = _factors(config, params, hidden, mask, labels)
-    fs = [(x * weights[:, None, None], d, m) for x, d, m in fs]
-    return [hp.scale * d for d in _deltas(nets, norms, fs)]
-
-  def apply(params, requests, state):
+  def apply(model, params, requests, state: MendClassifierState):
+    """Edits with all `requests` as one joint edit."""
     timer = base.Timer()
-    model = state.model
     with timer("prepare"):
       batch = tasks.TextClassifierTask(model).edit_batch(requests)
     with timer("edit"):
-      ds = _edit(model.config, state.nets, state.norms, params,
-                 batch["tokens"], batch["mask"], batch["labels"][:, 0],
-                 batch["weights"][:, 0])
+      ds = _edit(model.config, hp.scale, list(state.nets),
+                 list(state.norms), params, batch["tokens"], batch["mask"],
+                 batch["labels"][:, 0], batch["weights"][:, 0])
       new_leaves = {p: base.get_leaf(params, p) + d
                     for p, d in zip(targets(model.config), ds)}
       new_params = jax.block_until_ready(tasks.merge(params, new_leaves))
-    return new_params, dataclasses.replace(state, edits=state.edits + 1), (
-        base.EditInfo(base.describe_changes(params, new_leaves), timer.seconds))
+    records = base.leaf_records("mend_classifier",
+                                base.request_items(requests), new_leaves)
+    return new_params, dataclasses.replace(
+        state, edits=np.asarray(int(state.edits) + 1, np.int32)), (
+            base.EditInfo(base.describe_changes(params, new_leaves),
+                          timer.seconds, records=records))
 
-  return base.Editor("mend_classifier", hp, init, apply)
+  return base.FunctionalEditor("mend_classifier", hp, init, apply)
 
 
 __all__ = ["MendClassifierHParams", "edited_block", "init_nets", "make_loss",

@@ -17,13 +17,17 @@ linear associative memory `v = k W` and rewrites one association:
 
   editor = rome(RomeHParams(layer=4))
   state = editor.init(model)
-  new_params, state, info = editor.apply(model.params, request, state)
+  new_params, state, info = editor.apply(model, model.params, request, state)
+
+Each request's record holds its rank-one factors: u = C⁻¹k*/(k*ᵀC⁻¹k*)
+`[F, 1]` and v = v* − k*W `[1, D]`, W the kernel before that request.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -73,12 +77,17 @@ class RomeHParams:
     return compute.value_hparams(self)
 
 
-@dataclasses.dataclass
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class RomeState:
-  """What ROME precomputes once per model: templates and C (or None)."""
-  model: object
-  templates: tuple
-  covariance: np.ndarray | None
+  """What ROME precomputes once per model.
+
+  Attributes:
+    templates: the context templates (static).
+    covariance: C `[F, F]` (float64), or None for the identity.
+  """
+  templates: tuple = dataclasses.field(metadata=dict(static=True))
+  covariance: np.ndarray | None = None
 
 
 def load_covariance(model, params, layers, hp, covariance=None, *,
@@ -112,7 +121,7 @@ def load_covariance(model, params, layers, hp, covariance=None, *,
   return out
 
 
-def rome(hparams: RomeHParams = RomeHParams()) -> base.Editor:
+def rome(hparams: RomeHParams = RomeHParams()) -> base.FunctionalEditor:
   """The ROME editor for `hparams` (see the module docstring)."""
 
   def init(model, params=None, *, covariance=None, templates=None):
@@ -137,11 +146,11 @@ def rome(hparams: RomeHParams = RomeHParams()) -> base.Editor:
     if templates is None:
       templates = compute.context_templates(
           model, params, hparams.context_lengths, seed=hparams.seed)
-    return RomeState(model, tuple(templates), cov)
+    return RomeState(tuple(templates), cov)
 
-  def apply(params, requests, state: RomeState):
+  def apply(model, params, requests, state: RomeState):
     """Applies each request in turn (each on top of the previous one)."""
-    model, layer = state.model, hparams.layer
+    layer = hparams.layer
     requests = base.make_requests(requests)
     for request in requests:  # validate everything before any work
       compute.encode_target(model.tokenizer, request)
@@ -151,6 +160,7 @@ def rome(hparams: RomeHParams = RomeHParams()) -> base.Editor:
     timer = base.Timer()
     new_params = params
     extras = {"steps": [], "loss": [], "nll": [], "delta_norm": []}
+    touched = []
     for request in requests:
       with timer("key"):
         key = compute.subject_keys(model, new_params, [request],
@@ -168,20 +178,24 @@ def rome(hparams: RomeHParams = RomeHParams()) -> base.Editor:
         delta_D = values["delta"][0]
         # v* = k*W + δ: the delta is what the edit adds to the value.
         value_D = key_F.astype(np.float32) @ np.asarray(w_FxD) + delta_D
-        update = linalg.rank_one_update(
-            w_FxD, jnp.asarray(key_F, w_FxD.dtype),
-            jnp.asarray(value_D, w_FxD.dtype),
-            jnp.asarray(cinv_key_F, w_FxD.dtype))
+        args = (w_FxD, jnp.asarray(key_F, w_FxD.dtype),
+                jnp.asarray(value_D, w_FxD.dtype),
+                jnp.asarray(cinv_key_F, w_FxD.dtype))
+        update = linalg.rank_one_update(*args)
         new_w = w_FxD + update.astype(w_FxD.dtype)
         new_params = base.replace_leaves(new_params, {path: new_w})
         new_w.block_until_ready()
+        u_Fx1, v_1xD = linalg.rank_one_factors(*args)
+        touched.append((base.LeafDelta(path, (
+            np.asarray(u_Fx1, np.float32), np.asarray(v_1xD, np.float32))),))
       for k in ("steps", "loss", "nll"):
         extras[k].append(values[k][0].item())
       extras["delta_norm"].append(float(np.linalg.norm(delta_D)))
     info = base.EditInfo(
         changed=base.describe_changes(params, {path: base.get_leaf(
             new_params, path)}),
-        seconds=timer.seconds, extras=extras)
+        seconds=timer.seconds, extras=extras,
+        records=base.make_records("rome", requests, touched))
     return new_params, state, info
 
-  return base.Editor("rome", hparams, init, apply)
+  return base.FunctionalEditor("rome", hparams, init, apply)

@@ -265,6 +265,20 @@ def task_for(model) -> Any:
       f"`logits` and `num_classes`; got {type(model).__name__}.")
 
 
+def model_key(model) -> tuple:
+  """A hashable key for "models like `model`" (jitted-loop caches): its
+  type and config, or the model object itself when it has no hashable
+  config."""
+  config = getattr(model, "config", None)
+  try:
+    hash(config)
+  except TypeError:
+    config = None
+  if config is None:
+    return (type(model).__qualname__, model)
+  return (type(model).__module__, type(model).__qualname__, config)
+
+
 def select(params, regex: str) -> dict:
   """`{path tuple: leaf}` of the leaves whose "a/b/c" path matches `regex`.
 

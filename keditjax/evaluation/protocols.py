@@ -1,7 +1,7 @@
 """Edit protocols: how edits are applied and when the model is evaluated.
 
   results = run(model, editor, cases, Protocol(mode="sequential",
-                batch_size=1, eval_every=1), heldout=facts)
+                batch_size=1), heldout=facts)
 
 Modes (the survey's four protocols are mode x batch size):
 
@@ -10,10 +10,12 @@ Modes (the survey's four protocols are mode x batch size):
   batch       non-successive batches: every group of `batch_size` cases is
               edited into f0 in one `apply` and evaluated on that model.
   sequential  successive: groups of `batch_size` (1 = single successive) are
-              edited on top of each other; after every `eval_every` steps the
-              harness records SR at edit time, RR over all earlier edits and
-              DD on the held-out facts; every case is evaluated on the final
-              model at the end.
+              edited on top of each other; SR at edit time is recorded for
+              every step (the step's own cases), and at checkpoints (every
+              `eval_every` steps; by default 10 evenly spaced ones, so the
+              cost grows linearly with the number of edits) RR over all
+              earlier edits and DD on the held-out facts; every case is
+              evaluated on the final model at the end.
 
 `editor=None` evaluates the unedited model (the baseline row). The harness
 only calls `editor.init` and `editor.apply`: it has no method-specific code.
@@ -44,7 +46,10 @@ class Protocol:
   Attributes:
     mode: "single", "batch" or "sequential" (see the module docstring).
     batch_size: cases per `apply` call (1 in single mode).
-    eval_every: sequential mode: record SR/RR/DD every this many steps (0:
+    eval_every: sequential mode: a checkpoint (SR/RR/DD over all edits so
+      far) every this many steps; None: ceil(steps / 10), i.e. 10
+      checkpoints, linear in the number of edits (1 re-scores every earlier
+      edit after every step: quadratic) (0:
       only after the last step).
     dd_every: non-successive modes: measure held-out accuracy on every
       this-many-th edited model (0: never); DD is the mean over those.
@@ -57,7 +62,7 @@ class Protocol:
   """
   mode: str = "single"
   batch_size: int = 1
-  eval_every: int = 1
+  eval_every: int | None = None
   dd_every: int = 10
   families: tuple[str, ...] = evaluator.FAMILIES
   fluency: bool = True
@@ -75,7 +80,7 @@ class Protocol:
           "mode='single' edits one case at a time; use mode='batch' for "
           f"batch_size={self.batch_size}.")
     for name in ("eval_every", "dd_every"):
-      if getattr(self, name) < 0:
+      if getattr(self, name) is not None and getattr(self, name) < 0:
         raise errors.ConfigError(f"{name}={getattr(self, name)} must be >= 0.")
     if self.fluency_tokens < 1:
       raise errors.ConfigError(f"fluency_tokens={self.fluency_tokens} must be >= 1.")
@@ -204,13 +209,17 @@ def run(model, editor, cases: Sequence[EditCase], protocol: Protocol,
   else:
     size = 1 if protocol.mode == "single" else protocol.batch_size
     groups = [cases[i:i + size] for i in range(0, len(cases), size)]
+    if protocol.eval_every is None:  # 10 checkpoints: linear cost
+      protocol = dataclasses.replace(protocol,
+                                     eval_every=-(-len(groups) // 10))
     bar = progress_lib.bar(groups, desc=f"{editor.name} {protocol.mode}",
                     disable=not progress, unit="step")
     params, held_at_edit, done = params0, [], []
     for g, group in enumerate(bar):
       base = params if protocol.mode == "sequential" else params0
       t = time.perf_counter()
-      new_params, new_state, info = editor.apply(base, _requests(group), state)
+      new_params, new_state, info = editor.apply(model, base, _requests(group),
+                                                 state)
       jax.block_until_ready(new_params)
       edit_seconds.append(time.perf_counter() - t)
       clock.add("edit", t)
@@ -230,7 +239,11 @@ def run(model, editor, cases: Sequence[EditCase], protocol: Protocol,
                 "sr_at_edit": 100.0 * float(now.mean()),
                 "sr_at_edit_so_far": 100.0 * float(np.mean(held_at_edit)),
                 "edit_seconds": edit_seconds[-1],
-                "changed": sorted(info.changed)}
+                "changed": sorted(info.changed),
+                "records": len(info.records),
+                # Method-specific scalars, e.g. GRACE's codebook_size.
+                "extras": {k: v for k, v in info.extras.items()
+                           if isinstance(v, (int, float, bool))}}
       last = g == len(groups) - 1
       if (protocol.eval_every and (g + 1) % protocol.eval_every == 0) or last:
         t = time.perf_counter()
@@ -273,6 +286,8 @@ def run(model, editor, cases: Sequence[EditCase], protocol: Protocol,
                   edits_per_second=len(cases) / sum(edit_seconds))
   if clock.seconds.get("score"):
     timing["score_records_per_second"] = len(cases) / clock.seconds["score"]
+  if protocol.eval_every is None:  # unedited: no steps
+    protocol = dataclasses.replace(protocol, eval_every=0)
   return {
       "protocol": protocol.describe(edited=editor is not None),
       "method": editor.name if editor is not None else "unedited",

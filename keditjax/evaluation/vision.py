@@ -218,7 +218,8 @@ def run_vision(classifier, editor, cases: Sequence[ImageEdit], *,
       are left out of DD.
     eval_every: sequential: a step record every this many edits (0: only
       after the last; the last edit is always recorded).
-    init_kwargs: keyword arguments of `editor.init` (`fisher_data`, ...).
+    init_kwargs: inputs offered to `editor.init` (`fisher_data`, ...); each
+      editor gets those its `init` accepts (`editors.select_inputs`).
     state: an editor state to start from (default: `editor.init(...)`).
     neighbour_seed: the noise seed of the neighbourhoods.
     progress: show a tqdm bar.
@@ -255,7 +256,8 @@ def run_vision(classifier, editor, cases: Sequence[ImageEdit], *,
   pred_before = classifier.predict(params0, images)
   if editor is not None and state is None:
     t = time.perf_counter()
-    state = editor.init(classifier, params0, **(init_kwargs or {}))
+    state = editor.init(classifier, params0, **editors_lib.select_inputs(
+        editor, init_kwargs or {}))
     seconds["init"] = time.perf_counter() - t
 
   def measure(params, idx):
@@ -278,7 +280,8 @@ def run_vision(classifier, editor, cases: Sequence[ImageEdit], *,
   for i in bar:
     base = params if mode == "sequential" else params0
     t = time.perf_counter()
-    new_params, new_state, info = editor.apply(base, [cases[i]], state)
+    new_params, new_state, info = editor.apply(classifier, base, [cases[i]],
+                                               state)
     jax.block_until_ready(new_params)
     edit_seconds.append(time.perf_counter() - t)
     seconds["edit"] += edit_seconds[-1]

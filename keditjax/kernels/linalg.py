@@ -6,7 +6,10 @@ Orientation: a linear map `value_D = key_F @ W_FxD` (our kernels are
   - `rank_one_update`   ROME (Meng et al. 2022, eq. 2),
   - `memit_update`      MEMIT (Meng et al. 2023, eq. 14),
   - `null_space_projector`, `alphaedit_update`   AlphaEdit (Fang et al. 2025,
-    eqs. 7-10).
+    eqs. 7-10);
+  - `rank_one_factors`, `memit_factor`, `alphaedit_factor`: the same updates
+    in factored form, ΔW = u @ v or X @ R (edit records); the updates
+    themselves are computed as above, unchanged.
 """
 
 from __future__ import annotations
@@ -37,6 +40,17 @@ def rank_one_update(w_FxD, key_F, value_D, cinv_key_F):
 
 
 @jax.jit
+def rank_one_factors(w_FxD, key_F, value_D, cinv_key_F):
+  """`rank_one_update`'s ΔW as factors `(u_Fx1, v_1xD)`, ΔW = u @ v.
+
+  u = C⁻¹k / (kᵀC⁻¹k), v = v* − kW (ROME eq. 2, the edit record's form).
+  """
+  residual_D = value_D - key_F @ w_FxD
+  u_F = cinv_key_F / jnp.dot(key_F, cinv_key_F)
+  return u_F[:, None], residual_D[None, :]
+
+
+@jax.jit
 def memit_update(keys_NxF, residuals_NxD, cov_FxF, lam):
   """MEMIT's batched least-squares update (Meng et al. 2023, eq. 14).
 
@@ -57,6 +71,17 @@ def memit_update(keys_NxF, residuals_NxD, cov_FxF, lam):
   a_FxF = lam * cov_FxF + keys_NxF.T @ keys_NxF
   return jax.scipy.linalg.solve(a_FxF, keys_NxF.T @ residuals_NxD,
                                 assume_a="pos")
+
+
+@jax.jit
+def memit_factor(keys_NxF, cov_FxF, lam):
+  """X `[F, N]` with `memit_update(K, R, C, λ) = X @ R`: (λC + KᵀK)⁻¹Kᵀ.
+
+  Column i times the residual row rᵢ is request i's share of ΔW (its edit
+  record's factors).
+  """
+  a_FxF = lam * cov_FxF + keys_NxF.T @ keys_NxF
+  return jax.scipy.linalg.solve(a_FxF, keys_NxF.T, assume_a="pos")
 
 
 def null_space_projector(cov_FxF, threshold: float):
@@ -89,3 +114,13 @@ def alphaedit_update(keys_NxF, residuals_NxD, projector_FxF, prev_FxF, l2):
   a_FxF = (projector_FxF @ (keys_NxF.T @ keys_NxF + prev_FxF) +
            l2 * jnp.eye(f, dtype=keys_NxF.dtype))
   return jnp.linalg.solve(a_FxF, projector_FxF @ keys_NxF.T @ residuals_NxD)
+
+
+@jax.jit
+def alphaedit_factor(keys_NxF, projector_FxF, prev_FxF, l2):
+  """X `[F, N]` with `alphaedit_update(K, R, P, K_pᵀK_p, α) = X @ R`:
+  (P(KᵀK + K_pᵀK_p) + αI)⁻¹ P Kᵀ (per-request factors, as `memit_factor`)."""
+  f = keys_NxF.shape[1]
+  a_FxF = (projector_FxF @ (keys_NxF.T @ keys_NxF + prev_FxF) +
+           l2 * jnp.eye(f, dtype=keys_NxF.dtype))
+  return jnp.linalg.solve(a_FxF, projector_FxF @ keys_NxF.T)

@@ -67,7 +67,7 @@ def load_hf(name_or_path: str, *, strict: bool = True, dtype=np.float32):
   from keditjax.models import adapters
   params = adapters.load(directory, params)  # keditjax's format: + adapters
   if not config.is_decoder:
-    from keditjax.models.bert import Encoder
+    from keditjax.models.encoder import Encoder
     return Encoder(config, params, tokenizer, name=f"hf:{name_or_path}")
   return LanguageModel(config, params, tokenizer, name=f"hf:{name_or_path}")
 

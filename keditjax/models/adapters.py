@@ -116,30 +116,6 @@ def with_adapters(params, site: str, adapters) -> dict:
   return out
 
 
-def validate(adapters: Mapping[str, tuple], num_layers: int,
-             site_kinds: tuple) -> None:
-  """Raises `SiteError` for an adapter at an unknown site, or one reading a
-  site that does not come before its own in the same block."""
-  from keditjax.models import sites as sites_lib
-  for site, stack in adapters.items():
-    layer, kind = sites_lib.parse_site(site, num_layers)
-    if not isinstance(stack, (tuple, list)):
-      raise errors.SiteError(
-          f"params['adapters'][{site!r}] must be a tuple of Adapters.")
-    for a in stack:
-      if not isinstance(a, Adapter):
-        raise errors.SiteError(
-            f"params['adapters'][{site!r}] holds a {type(a).__name__}, not "
-            "an Adapter.")
-      for need in a.inputs:
-        if layer is None or need not in site_kinds or (
-            site_kinds.index(need) >= site_kinds.index(kind)):
-          raise errors.SiteError(
-              f"the {a.kind} adapter at {site!r} reads {need!r}, which is not "
-              f"a site of the same block visited before it (order: "
-              f"{site_kinds}).")
-
-
 # -- keditjax's own format ------------------------------------------------
 
 def _fn_name(fn) -> str:

@@ -277,7 +277,7 @@ def train(encoder, texts, labels, *, epochs: int = 2, batch_size: int = 32,
   """Fine-tunes blocks >= `trainable_from` and a new head with Adam.
 
   Args:
-    encoder: a `bert.Encoder` (its params are not modified).
+    encoder: a `models.encoder.Encoder` (its params are not modified).
     texts, labels: training claims and their verdicts in [0, num_classes).
     epochs, batch_size: passes over the data (seeded permutations) and
       examples per step (a last partial batch of an epoch is dropped).

@@ -311,8 +311,8 @@ class ModelBase:
 
   def check_params(self, params):
     """Raises `SiteError` for adapters at sites this model does not have."""
-    adapters_lib.validate(adapters_lib.split(params)[1],
-                          self.config.num_layers, sites_lib.SITE_KINDS)
+    sites_lib.check_adapters(adapters_lib.split(params)[1],
+                             self.config.num_layers)
 
   def _check_tokens(self, tokens):
     if isinstance(tokens, jax.core.Tracer):

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from keditjax import errors
+from keditjax.models import adapters as adapters_lib
 
 # In the order a block visits them (adapters may only read earlier ones).
 SITE_KINDS = ("attn/out", "mlp/in", "mlp/key", "mlp/value", "resid")
@@ -69,6 +70,33 @@ def parse_site(name: str, num_layers: int) -> tuple[int | None, str]:
         f"Edit site {name!r} names layer {layer}, but the model has layers "
         f"0..{num_layers - 1}.")
   return layer, match.group(2)
+
+
+def check_adapters(adapters, num_layers: int) -> None:
+  """Raises `SiteError` for an adapter at an unknown site, or one reading a
+  site that does not come before its own in the same block.
+
+  Args:
+    adapters: site name -> tuple of `adapters.Adapter` (`params["adapters"]`).
+    num_layers: the model depth.
+  """
+  for site, stack in adapters.items():
+    layer, kind = parse_site(site, num_layers)
+    if not isinstance(stack, (tuple, list)):
+      raise errors.SiteError(
+          f"params['adapters'][{site!r}] must be a tuple of Adapters.")
+    for a in stack:
+      if not isinstance(a, adapters_lib.Adapter):
+        raise errors.SiteError(
+            f"params['adapters'][{site!r}] holds a {type(a).__name__}, not "
+            "an Adapter.")
+      for need in a.inputs:
+        if layer is None or need not in SITE_KINDS or (
+            SITE_KINDS.index(need) >= SITE_KINDS.index(kind)):
+          raise errors.SiteError(
+              f"the {a.kind} adapter at {site!r} reads {need!r}, which is not "
+              f"a site of the same block visited before it (order: "
+              f"{SITE_KINDS}).")
 
 
 def _split_block(name: str) -> tuple[str, str]:
@@ -153,10 +181,9 @@ class Sites:
 
   def validate(self, num_layers: int) -> None:
     """Raises `SiteError` if any named site does not exist in the model."""
-    from keditjax.models import adapters as adapters_lib
     for name in tuple(self.patches) + self.capture:
       parse_site(name, num_layers)
-    adapters_lib.validate(self.adapters, num_layers, SITE_KINDS)
+    check_adapters(self.adapters, num_layers)
     for name, patch in self.patches.items():
       if not isinstance(patch, Patch):
         raise errors.SiteError(
