@@ -549,3 +549,27 @@ def test_readme_scan_claim_matches_the_two_edit_benchmarks():
   shown(m.group(2), old["compile_s"], "unrolled compile")
   shown(m.group(4), new["steady_s"], "scanned steady")
   shown(m.group(5), old["steady_s"], "unrolled steady")
+
+
+def test_results_grace_paragraph_matches_its_jsons():
+  """The GRACE paragraph's benchmark, sweep and removal numbers."""
+  text = " ".join(_read(RESULTS_MD).split())
+  bench = _load("benchmarks/forward_grace_cpu.json")["results"]
+  without = [r["steady_s"] * 1e3 for r in bench if r["grace_entries"] == 0]
+  with_ = [r["steady_s"] * 1e3 for r in bench if r["grace_entries"] == 1000]
+  assert (f"takes {without[0]:.1f} and {without[1]:.1f} ms without a codebook "
+          f"and {with_[0]:.1f} and {with_[1]:.1f} ms with 1,000 entries") in text
+  removal = _load("results/grace_remove_cf100.json")
+  assert {r["removed"] for r in removal["removals"]} == {0, 49, 99}
+  assert all(r["max_abs_logit_diff_vs_unedited"] == 0.0 and
+             r["others_sr"] == 100.0 for r in removal["removals"])
+  sweep = _load("results/grace_sweep.json")["layers"]
+  at = lambda f, k: [v["by_eps_factor"][f][k] for v in sweep.values()]
+  assert set(at("0.05", "neighbourhood_hits_any_key")) == {0.0}
+  assert set(at("0.05", "edit_prompt_hits_other_key")) == {0.0}
+  assert set(at("0.1", "neighbourhood_hits_any_key")) == {0.01}
+  hits = at("0.5", "neighbourhood_hits_any_key")
+  assert f"at 0.5, {100 * min(hits):.0f}-{100 * max(hits):.0f}%" in text
+  seq = _load("results/grace_seq100.json")
+  assert seq["steps"][-1]["extras"]["codebook_size"] == 100
+  assert (f"took {seq['timing']['edit_seconds_median']:.2f} s (median" in text)
