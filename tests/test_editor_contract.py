@@ -17,27 +17,15 @@ from keditjax.editors import base, mend, state_io
 from keditjax.models import tiny
 from keditjax.models.lm import LanguageModel
 from keditjax.models.tokenizer import Tokenizer
+from tests.test_editor_pins import REQUESTS, spd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPLATES = ("{}", "A short prefix. {}")
 LOOSE = dict(clamp_norm_factor=1e4, v_weight_decay=0.0,
              v_compute_dtype="float32", v_steps=5)
-REQUESTS = [
-    {"prompt": "The mother tongue of Danielle Darrieux is",
-     "subject": "Danielle Darrieux", "target_new": "English"},
-    {"prompt": "Toko Yasuda plays the", "subject": "Toko Yasuda",
-     "target_new": "piano"},
-    {"prompt": "The capital of Norway is", "subject": "Norway",
-     "target_new": "Rome"},
-]
 TEXTS = ["The quick brown fox jumps over the lazy dog near the river bank.",
          "Paris is the capital of France and a large city in Europe."] * 4
 DOWN1 = "layers_1/mlp/down_proj"
-
-
-def spd(f, seed):
-  x = np.random.default_rng(seed).normal(size=(4 * f, f))
-  return (x.T @ x / len(x)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
