@@ -9,6 +9,7 @@ every target token greedy) of the other N−1 edits.
       --output=docs/results/grace_remove_cf100.json
 """
 
+import dataclasses
 import json
 import time
 
@@ -59,8 +60,7 @@ def main(argv):
   report = {"command": "python -m experiments.grace_remove " + " ".join(
                 f"--{k}={v}" for k, v in (("num_edits", FLAGS.num_edits),
                                           ("remove", ",".join(FLAGS.remove)))),
-            "hparams": dict(vars(editor.hparams)) if hasattr(
-                editor.hparams, "__dict__") else None,
+            "hparams": dataclasses.asdict(editor.hparams),
             "num_edits": len(cases), "edit_seconds": edit_s,
             "sr_all_edits": 100.0 * float(all_sr.mean()),
             "codebook_size": grace.size(params, editor.hparams),

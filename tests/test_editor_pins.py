@@ -16,26 +16,11 @@ import pytest
 from keditjax import editors
 from keditjax.editors import base, mend
 from keditjax.models import tiny
+# The very inputs the pins were made from (only constants are imported: the
+# script's own calls use the v1 contract).
+from tools.make_editor_pins import LOOSE, REQUESTS, TEMPLATES, spd
 
 PINS = os.path.join(os.path.dirname(__file__), "golden", "editor_pins.npz")
-REQUESTS = [
-    {"prompt": "The mother tongue of Danielle Darrieux is",
-     "subject": "Danielle Darrieux", "target_new": "English"},
-    {"prompt": "Toko Yasuda plays the", "subject": "Toko Yasuda",
-     "target_new": "piano"},
-    {"prompt": "The capital of Norway is", "subject": "Norway",
-     "target_new": "Rome"},
-]
-TEMPLATES = ("{}", "A short prefix. {}", "Another one here. {}")
-LOOSE = dict(clamp_norm_factor=1e4, v_weight_decay=0.0,
-             v_compute_dtype="float32")
-
-
-def spd(f, seed):
-  x = np.random.default_rng(seed).normal(size=(4 * f, f))
-  return (x.T @ x / len(x)).astype(np.float32)
-
-
 @pytest.fixture(scope="module")
 def pins():
   return dict(np.load(PINS))

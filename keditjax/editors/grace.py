@@ -306,8 +306,9 @@ def _edit_inputs(model, params, layer, prompt, target):
   """Key, current value, the residual entering `layer`, and the target
   layout for one request (right-padded to a length bucket)."""
   ids = prompt + target
-  length = min(lm.bucket(len(ids)), max(len(ids),
-                                       model.config.max_position_embeddings))
+  length = lm.bucket(len(ids))
+  if length > model.config.max_position_embeddings:  # _encode checked ids
+    length = len(ids)
   width = lm.bucket(len(target), 4)
   tokens = np.zeros((1, length), np.int32)
   mask = np.zeros((1, length), np.int32)
@@ -321,7 +322,7 @@ def _edit_inputs(model, params, layer, prompt, target):
   tmask[0, :len(target)] = 1
   last = np.array([len(prompt) - 1], np.int32)
   names = (f"layer/{layer}/mlp/key", f"layer/{layer}/mlp/value")
-  hidden, out, _ = _prefix(model.config, params, jnp.asarray(tokens),
+  hidden, out = _prefix(model.config, params, jnp.asarray(tokens),
                            jnp.asarray(mask), jnp.asarray(last), layer=layer,
                            names=names)
   return dict(key=np.asarray(out[names[0]][0, 0], np.float32),
@@ -339,7 +340,7 @@ def _prefix(config, params, tokens, mask, last, *, layer, names):
   _, out, _ = lm.run(config, params, hidden=hidden, start_layer=layer,
                      stop_layer=layer + 1, attention_mask=mask,
                      sites=sites_lib.capture(*names, positions=last))
-  return hidden, out, None
+  return hidden, out
 
 
 # -- the editor --------------------------------------------------------------
@@ -485,7 +486,7 @@ def remove(params, hparams: GraceHParams, records):
   """
   if isinstance(records, base.EditRecord):
     records = [records]
-  index, adapter = codebook(params, hparams)
+  _, adapter = codebook(params, hparams)
   if adapter is None:
     raise errors.InputError(f"no GRACE codebook at {site(hparams)}.")
   for record in reversed(list(records)):
@@ -504,7 +505,6 @@ def remove(params, hparams: GraceHParams, records):
       elif entry.action == "expand":
         adapter = _set(adapter, entry.index, eps=entry.previous["eps"],
                        values=entry.previous["value"])
-  del index
   return _put(params, hparams, adapter)
 
 

@@ -144,7 +144,7 @@ def encode(config: ModelConfig, params, tokens_BxL, attention_mask_BxL=None,
   hidden, out, pooled = BertEncoder(config).apply(
       {"params": params}, tokens_BxL, attention_mask=attention_mask_BxL,
       token_type_ids=token_type_ids_BxL, sites=sites.with_adapters(adapters))
-  return hidden, pooled, out
+  return hidden, pooled, sites_lib.captures(out)
 
 
 @jax.jit

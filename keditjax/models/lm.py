@@ -39,8 +39,10 @@ def apply_module(config: ModelConfig, params, *args,
   """
   params, adapters = adapters_lib.split(params)
   module = registry.get_arch(config.arch).module(config)
-  return module.apply({"params": params}, *args,
-                      sites=sites.with_adapters(adapters), **kwargs)
+  result, out, extra = module.apply({"params": params}, *args,
+                                    sites=sites.with_adapters(adapters),
+                                    **kwargs)
+  return result, sites_lib.captures(out), extra
 
 
 def run(config: ModelConfig, params, tokens_BxL=None, *, hidden=None,

@@ -38,7 +38,7 @@ SITE_KINDS = ("attn/out", "mlp/in", "mlp/key", "mlp/value", "resid")
 _LAYER_SITE_RE = re.compile(
     r"^layer/(\d+)/(attn/out|mlp/in|mlp/key|mlp/value|resid)$")
 # Activations kept for an adapter's declared inputs live in `out` under this
-# prefix until the adapter reads them (never returned as captures).
+# prefix; `captures` drops them before `out` leaves the jitted pass.
 _STASH = "\x00adapter-input:"
 PATCH_MODES = ("add", "replace")
 
@@ -209,10 +209,6 @@ class Sites:
       inputs = {kind: out[_STASH + prefix + "/" + kind] for kind in needs}
       for adapter in stack:
         x_BxLxD = adapter(x_BxLxD, inputs).astype(x_BxLxD.dtype)
-      # Inputs are read by one site only (the adapters' own): drop them.
-      for kind in needs:
-        if not self._needed_by_other(prefix + "/" + kind, name):
-          out.pop(_STASH + prefix + "/" + kind, None)
     patch = self.patches.get(name)
     if patch is not None:
       x_BxLxD = patch.apply(x_BxLxD)
@@ -231,17 +227,13 @@ class Sites:
     return any(site.startswith(prefix + "/") and kind in a.inputs
                for site, stack in self.adapters.items() for a in stack)
 
-  def _needed_by_other(self, input_site: str, consumer: str) -> bool:
-    """Whether an adapter at a site other than `consumer` (later in the same
-    block) also reads `input_site`."""
-    prefix, kind = _split_block(input_site)
-    return any(site != consumer and site.startswith(prefix + "/") and
-               kind in a.inputs and SITE_KINDS.index(_split_block(site)[1]) >
-               SITE_KINDS.index(_split_block(consumer)[1])
-               for site, stack in self.adapters.items() for a in stack)
-
 
 NO_SITES = Sites()
+
+
+def captures(out: dict) -> dict:
+  """`out` without the activations stashed for adapter inputs."""
+  return {k: v for k, v in out.items() if not k.startswith(_STASH)}
 
 
 def capture(*names: str, positions=None) -> Sites:
