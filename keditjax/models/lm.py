@@ -18,7 +18,7 @@ import numpy as np
 
 from keditjax import errors
 from keditjax.models import adapters as adapters_lib
-from keditjax.models import layers, registry
+from keditjax.models import layers, registry, routed
 from keditjax.models import sites as sites_lib
 from keditjax.models.config import ModelConfig
 from keditjax.models.sites import Sites
@@ -412,6 +412,7 @@ class LanguageModel(ModelBase):
     """
     if reduction not in ("sum", "mean", "none"):
       raise errors.InputError(f"reduction={reduction!r}; use sum, mean or none.")
+    params, prompts = routed.resolve(self, params, prompts)
     pairs = self._pair_ids(prompts, continuations)
     self.check_params(params)
     per_token = []
@@ -458,11 +459,13 @@ class LanguageModel(ModelBase):
     """
     if max_new_tokens < 1:
       raise errors.InputError(f"max_new_tokens={max_new_tokens} must be >= 1.")
-    self.check_params(params)
     # One prompt is a str or a list of ids; several are a list of those.
     single = isinstance(prompt, str) or (
         len(prompt) > 0 and isinstance(prompt[0], (int, np.integer)))
     prompts = [prompt] if single else list(prompt)
+    # An input-routing edited model (SERAC) rewrites prompts for its base.
+    params, prompts = routed.resolve(self, params, prompts)
+    self.check_params(params)
     ids = [self.encode(p) if isinstance(p, str) else [int(t) for t in p]
            for p in prompts]
     for p, i in zip(prompts, ids):
