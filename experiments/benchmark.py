@@ -4,6 +4,7 @@ r"""Benchmarks compile time, steady-state latency and throughput.
       [--model=smollm2-135m] [--batch_sizes=1,8] [--lengths=16,128] [--steps=10]
 
   python -m experiments.benchmark --task=stats [--stats_layers=4] [--stats_tokens=16384]
+  python -m experiments.benchmark --task=arch --arch_method=wise  # experiments/bench_arch.py
   python -m experiments.benchmark --task=train --train_config=experiments/configs/mend_tiny_synthetic.py
 
 Each task maps a loaded model to rows of measurements. `compile_s` is the
@@ -15,6 +16,7 @@ trigger none, STYLE.md §4).
 import dataclasses
 import json
 import os
+import resource
 import statistics
 import time
 
@@ -22,12 +24,12 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from experiments import bench_edit, bench_train
+from experiments import bench_arch, bench_edit, bench_train
 from experiments import common  # noqa: F401  (defines --compilation_cache)
 from keditjax import compilation_cache, models
 from keditjax.models import adapters, lm
 
-_TASK = flags.DEFINE_enum("task", "forward", ["forward", "generate", "stats", "edit", "score", "train"],
+_TASK = flags.DEFINE_enum("task", "forward", ["forward", "generate", "stats", "edit", "score", "train", "arch"],
                               "What to time.")
 _MODEL = flags.DEFINE_string("model", models.DEFAULT_MODEL, "Model name for load().")
 _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes.")
@@ -156,7 +158,9 @@ def bench_score(model, params):
 
 TASKS = {"score": bench_score, "forward": bench_forward, "generate": bench_generate, "stats": bench_stats,
          "edit": lambda model, params: bench_edit.bench_edit(model, params, _compiles),
-         "train": lambda model, params: bench_train.bench_train(_compiles)}
+         "train": lambda model, params: bench_train.bench_train(_compiles),
+         "arch": lambda model, params: bench_arch.bench_arch(
+             model, params, measure, _NEW_TOKENS.value, list(map(int, _BATCHES.value)))}
 
 
 def main(argv):
@@ -172,9 +176,11 @@ def main(argv):
             "compilation_cache": cache_dir,
             "params": sum(x.size for x in jax.tree.leaves(params)), "steps": _STEPS.value,
             "results": TASKS[_TASK.value](model, params)}
+  # The process's peak resident memory (Linux: KiB), model and compiles included.
+  report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print(f"{report['task']} {report['model']} ({report['params'] / 1e6:.1f}M params) on "
         f"{report['device']} x{report['num_devices']}, jax {report['jax']}")
-  if _TASK.value in ("edit", "train"):
+  if _TASK.value in ("edit", "train", "arch"):
     for r in report["results"]:
       print(json.dumps(r))
   else:

@@ -28,6 +28,10 @@ from keditjax.evaluation import evaluator
 from keditjax.models import layers as layers_lib
 
 flags.DEFINE_integer("num_records", 30, "Training records to edit in sequence.")
+flags.DEFINE_integer("start", 2000, "First training record to edit: past the "
+                     "records whose locality prompts and subjects `init` "
+                     "uses as negatives (wise.SUBJECT_POOL, "
+                     "locality_prompts).")
 flags.DEFINE_multi_string("settings", ["layer=24"], "WISE overrides, "
                           "'field=value,...' (values as Python literals).")
 flags.DEFINE_string("output", None, "JSON output path.")
@@ -122,7 +126,7 @@ def main(argv):
   common.setup()
   model = models.load()
   cases = cases_lib.load_cases("counterfact", "counterfact-train",
-                               limit=FLAGS.num_records)
+                               limit=FLAGS.num_records, start=FLAGS.start)
   texts = heldout_wikitext(model)
   results = []
   for setting in FLAGS.settings:
@@ -134,7 +138,8 @@ def main(argv):
     results.append(row)
   if FLAGS.output:
     with open(FLAGS.output, "w") as f:
-      json.dump({"num_records": FLAGS.num_records, "split": "counterfact-train",
+      json.dump({"num_records": FLAGS.num_records, "start": FLAGS.start,
+                 "split": "counterfact-train",
                  "results": results}, f, indent=1)
 
 

@@ -327,7 +327,8 @@ def test_registry_and_bad_input(model, edited):
                      (dict(save_freq=3, merge_freq=4), "merge_freq"),
                      (dict(density=1.5), "density"),
                      (dict(norm_constraint=0.0), "norm_constraint"),
-                     (dict(alpha=-1.0), "alpha")):
+                     (dict(alpha=-1.0), "alpha"),
+                     (dict(hard_negatives=-1), "hard_negatives")):
     with pytest.raises(errors.ConfigError, match=field):
       editors.get("wise", **bad)
   with pytest.raises(errors.ConfigError, match="colour"):

@@ -10,12 +10,16 @@ probability exceeds `threshold` the input goes to the counterfactual model
 with that edit, otherwise to the base model (§3).
 
 The counterfactual model here is the base model itself, prompted with the
-retrieved edit (`template`, e.g. "{edit}. {prompt}"); the paper trains a
-separate small seq2seq/LM on (edit, input, answer) triples. In-context
-conditioning was chosen for this model by measurement
-(docs/results/serac_templates.json): on CounterFact training records the
-prompted model gives the edit's target over the old answer on nearly every
-in-scope prompt, with nothing to train or ship.
+retrieved edit (`template`, default "Imagine that {edit}. Imagine that
+{edit}. {prompt}"); the paper trains a separate small seq2seq/LM on (edit,
+input, answer) triples. In-context conditioning and the template were chosen
+by measurement on CounterFact training records
+(`experiments/serac_templates.py`, docs/results/serac_templates.json): a
+135M model told the edit once ("{edit}. {prompt}") prefers the new target on
+only ~70% of edit prompts; framed as a counterfactual and said twice, on
+~95% of edit prompts and paraphrases. The price is paid only when routing
+errs: a neighbour wrongly routed to an edit keeps its true answer less often
+with the stronger template.
 
 Because SERAC routes whole inputs, not activations, `apply` returns a
 `SeracModel` (a `keditjax.models.routed.Routed`) in place of params: scoring,
@@ -67,7 +71,8 @@ class SeracHParams:
   classifier: str = ""
   encoder: str = "all-minilm-l6-v2"
   threshold: float = 0.5
-  template: str = "{edit}. {prompt}"
+  template: str = ("Imagine that {edit}. Imagine that {edit}. "
+                   "{prompt}")
 
   def __post_init__(self):
     if not 0.0 < self.threshold < 1.0:
@@ -115,7 +120,7 @@ class SeracModel(routed.Routed):
   texts: tuple = dataclasses.field(default=(), metadata=dict(static=True))
   threshold: float = dataclasses.field(default=0.5,
                                        metadata=dict(static=True))
-  template: str = dataclasses.field(default="{edit}. {prompt}",
+  template: str = dataclasses.field(default=SeracHParams.template,
                                     metadata=dict(static=True))
   encoder: str = dataclasses.field(default="all-minilm-l6-v2",
                                    metadata=dict(static=True))

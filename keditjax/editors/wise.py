@@ -119,6 +119,9 @@ SCOPES = ("last", "subject")
 # The reference's context prefixes: greedy continuations of these starts,
 # 5 and 10 tokens long (EasyEdit `get_context_templates`, [[5, 5], [10, 5]]).
 CONTEXT_STARTS = ("I", "You", "Because", "Yes", "Q: ")
+# Subjects (of the first CounterFact training-split records) that hard
+# negatives put into an edit's own prompt template.
+SUBJECT_POOL = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,6 +197,7 @@ class WiseHParams:
   num_negatives: int = 16
   negative_length: int = 33
   locality_prompts: int = 512
+  hard_negatives: int = 8
   scope: str = "last"
   margin_weight: float = 10.0
   stop_nll: float = 0.1
@@ -242,6 +246,10 @@ class WiseHParams:
     if self.scope not in SCOPES:
       raise errors.ConfigError(
           f"WISE scope={self.scope!r}; use one of {SCOPES}.")
+    if not 0 <= self.hard_negatives <= SUBJECT_POOL // 2:
+      raise errors.ConfigError(
+          f"WISE hard_negatives={self.hard_negatives} must lie in "
+          f"[0, {SUBJECT_POOL // 2}].")
     if self.locality_prompts < 0:
       raise errors.ConfigError(
           f"WISE locality_prompts={self.locality_prompts} must be >= 0.")
@@ -596,6 +604,8 @@ class WiseState:
     memory_out: the side memory's change key @ Δ there, right after each
       edit [M, D].
     memory_count: rows of `memory_key` in use.
+    subjects: the hard negatives' subject pool, token ids [P, Ls] (0-padded).
+    subject_lengths: their lengths [P].
     scale: median ‖act(mlp/value)‖ over those tokens (the margins' unit).
   """
   num_edits: jax.Array
@@ -610,6 +620,8 @@ class WiseState:
   memory_out: jax.Array
   memory_count: jax.Array
   scale: jax.Array
+  subjects: jax.Array
+  subject_lengths: jax.Array
 
 
 def _negative_tokens(model, hparams):
@@ -639,6 +651,53 @@ def _locality_rows(model, count):
     text = record["locality_prompt"] + " " + record["locality_ground_truth"]
     rows.append(model.encode(text))
   return rows
+
+
+def _subject_pool(model, count):
+  """Token ids of the first `count` CounterFact training-split subjects
+  (0-padded) and their lengths."""
+  from keditjax import data  # the one data resolver
+  rows = [model.encode(r["subject"])
+          for r in data.read_records("counterfact-train")[:count]]
+  ids = np.zeros((len(rows), max(map(len, rows))), np.int32)
+  for i, r in enumerate(rows):
+    ids[i, :len(r)] = r
+  return ids, np.asarray([len(r) for r in rows], np.int32)
+
+
+def _hard_rows(model, request, state, hparams, count):
+  """`hard_negatives` prompts: the request's own template around other
+  subjects (the neighbourhood prompts a router on the last token confuses
+  with the edit: same relation, same last tokens)."""
+  ids = np.asarray(state.subjects)
+  lengths = np.asarray(state.subject_lengths)
+  rng = np.random.default_rng((hparams.seed, count))
+  rows = []
+  for i in rng.permutation(len(ids)):
+    subject = model.tokenizer.decode([int(t) for t in ids[i, :lengths[i]]])
+    if subject.strip() and subject.strip() != request.subject.strip():
+      rows.append(model.encode(request.prompt.format(subject.strip())))
+    if len(rows) == hparams.hard_negatives:
+      break
+  return rows
+
+
+def _capture_last(model, params, layer, rows):
+  """`mlp/key` and `mlp/value` at the last position of each of `rows`."""
+  length = min(lm.bucket(max(map(len, rows))),
+               model.config.max_position_embeddings)
+  tokens = np.zeros((len(rows), length), np.int32)
+  mask = np.zeros((len(rows), length), np.int32)
+  for r, ids in enumerate(rows):
+    ids = ids[:length]
+    tokens[r, :len(ids)] = ids
+    mask[r, :len(ids)] = 1
+  _, key, value = _layer_inputs(model.config, params, jnp.asarray(tokens),
+                                jnp.asarray(mask), layer=layer)
+  last = mask.sum(1) - 1
+  pick = np.arange(len(rows))
+  return (np.asarray(key, np.float32)[pick, last],
+          np.asarray(value, np.float32)[pick, last])
 
 
 def _capture_rows(model, params, layer, rows):
@@ -861,6 +920,8 @@ def wise(hparams: WiseHParams = WiseHParams()):
           _locality_rows(model, hparams.locality_prompts))
       key = np.concatenate([key, more_key])
       value = np.concatenate([value, more_value])
+    subjects, subject_lengths = _subject_pool(
+        model, SUBJECT_POOL if hparams.hard_negatives else 1)
     return WiseState(
         num_edits=jnp.zeros((), jnp.int32), shards=jnp.zeros((), jnp.int32),
         slot=jnp.zeros((), jnp.int32),
@@ -872,7 +933,8 @@ def wise(hparams: WiseHParams = WiseHParams()):
         memory_out=jnp.zeros((hparams.replay_capacity, value.shape[-1]),
                              jnp.float32),
         memory_count=jnp.zeros((), jnp.int32),
-        scale=jnp.float32(scale))
+        scale=jnp.float32(scale), subjects=jnp.asarray(subjects),
+        subject_lengths=jnp.asarray(subject_lengths))
 
   def apply(model, params, requests, state: WiseState):
     """Writes each request into the current shard, in turn; starts, closes
@@ -937,6 +999,13 @@ def wise(hparams: WiseHParams = WiseHParams()):
         hidden, key, value = jax.block_until_ready(_layer_inputs(
             config, main_params, jnp.asarray(tokens), jnp.asarray(attn),
             layer=layer))
+        neg_key, neg_value = state.neg_key, state.neg_value
+        if hparams.hard_negatives:
+          hard_key, hard_value = _capture_last(
+              model, main_params, layer,
+              _hard_rows(model, request, state, hparams, count))
+          neg_key = jnp.concatenate([neg_key, jnp.asarray(hard_key)])
+          neg_value = jnp.concatenate([neg_value, jnp.asarray(hard_value)])
       old = adapter.params["deltas"][slot]
       previous = dict(_slot_fields(adapter, slot),
                       mask_bits=np.packbits(mask),
@@ -945,8 +1014,8 @@ def wise(hparams: WiseHParams = WiseHParams()):
         delta, taken, nll, margin, stat = _train_shard(
             config, main_params, hidden, jnp.asarray(attn),
             jnp.asarray(scope), key, value, jnp.asarray(positions),
-            jnp.asarray(targets), jnp.asarray(tmask), state.neg_key,
-            state.neg_value, jnp.asarray(memory_key), jnp.asarray(memory_out),
+            jnp.asarray(targets), jnp.asarray(tmask), neg_key,
+            neg_value, jnp.asarray(memory_key), jnp.asarray(memory_out),
             jnp.asarray(np.arange(len(memory_key)) < memory_count,
                         jnp.float32),
             old, jnp.asarray(mask, jnp.float32), bound, margins,
