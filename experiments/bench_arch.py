@@ -26,9 +26,11 @@ token), and what the router decides is reported beside the latency:
             counterfactual model, which reads the template and the edit first
             (a longer prompt).
 
-`added_params` counts the floats the method adds (capacity slots included,
-as they are allocated); SERAC's memory is N × 384 embeddings plus the
-statements' text.
+`added_params` counts the array elements the method adds (every leaf of the
+edited pytree beyond the base params; capacity slots included, as they are
+allocated); SERAC's are its classifier (384 × 384 + 2) and N × 384 memory
+embeddings, besides the statements' text and the MiniLM
+encoder it loads.
 """
 
 import dataclasses
@@ -40,7 +42,7 @@ import numpy as np
 from absl import flags
 
 from keditjax import data
-from keditjax.models import adapters, lm
+from keditjax.models import adapters
 
 _METHOD = flags.DEFINE_enum("arch_method", "none",
                             ["none", "grace", "tpatcher", "wise", "serac"],
@@ -65,7 +67,7 @@ def _prompt(model, length: int) -> str:
 def _grace(model, params, n):
   from experiments import benchmark  # pylint: disable=import-outside-toplevel
   p = benchmark.with_codebook(model, params, n)
-  return p, 3 * n * model.config.intermediate_size // 2  # keys + values
+  return p
 
 
 def _tpatcher(model, params, n):
@@ -81,8 +83,7 @@ def _tpatcher(model, params, n):
            values=jnp.asarray(rng.normal(size=(k, d)), jnp.float32),
            active=jnp.ones((k,), jnp.int32))
   patch = dataclasses.replace(patch, params=p)
-  return (adapters.with_adapters(params, tpatcher.site(hp), (patch,)),
-          k * (2 * d + 2))
+  return adapters.with_adapters(params, tpatcher.site(hp), (patch,))
 
 
 def _wise(model, params, n):
@@ -94,8 +95,7 @@ def _wise(model, params, n):
   deltas = (rng.normal(size=(s, f, d)) * 1e-3).astype(np.float32)
   adapter = wise.wise_adapter(deltas, np.full((s,), 1e6, np.float32),
                               act=model.config.activation, router=hp.router)
-  return (adapters.with_adapters(params, wise.site(hp), (adapter,)),
-          s * (f * d + 3))
+  return adapters.with_adapters(params, wise.site(hp), (adapter,))
 
 
 def _serac(model, params, n):
@@ -115,7 +115,11 @@ def _serac(model, params, n):
   edited, _, _ = editor.apply(model, params,
                               [c.requests[0] for c in cases], state)
   in_scope = [c.requests[0].text for c in cases]
-  return edited, n * edited.memory.shape[1], in_scope
+  return edited, in_scope
+
+
+def _count(tree) -> int:
+  return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
 
 
 def bench_arch(model, params, measure, new_tokens: int, batches):
@@ -126,12 +130,13 @@ def bench_arch(model, params, measure, new_tokens: int, batches):
   for n in map(int, _EDITS.value):
     in_scope = None
     if method == "none" or n == 0:
-      p, added = params, 0
+      p = params
     elif method == "serac":
-      p, added, in_scope = _serac(model, params, n)
+      p, in_scope = _serac(model, params, n)
     else:
-      p, added = {"grace": _grace, "tpatcher": _tpatcher,
-                  "wise": _wise}[method](model, params, n)
+      p = {"grace": _grace, "tpatcher": _tpatcher,
+           "wise": _wise}[method](model, params, n)
+    added = _count(p) - _count(params)
     scopes = [("out", None)] + ([("in", in_scope)] if in_scope else [])
     for scope, texts in scopes:
       for batch in batches:
