@@ -49,7 +49,7 @@ RUNS = (
 COLUMNS = {
     "counterfact": ("efficacy_score", "paraphrase_score",
                     "neighborhood_score"),
-    "zsre": ("zsre_efficacy", "zsre_paraphrase", "zsre_specificity"),
+    "zsre": ("zsre_efficacy", "zsre_paraphrase", "locality_acc"),
 }
 # The edited model's extra modules after the run: the step extras to read.
 SIZE_EXTRAS = ("codebook_size", "patch_neurons", "shards", "memory_size")
@@ -167,7 +167,7 @@ def markdown(table, costs):
     for edits, b in sorted(by.items()):
       one, eight = b.get(1), b.get(8)
       lines.append(
-          f"| {method} | {edits} | {(one or eight)['added_params']:,} | "
+          f"| {method} | {edits} | {(one or eight)['added_params']} | "
           f"{one['ms_per_token']:.2f} | {eight['ms_per_token']:.2f} | "
           f"{cost['peak_rss_mib']:.0f} |")
   return "\n".join(lines)

@@ -299,6 +299,43 @@ def check_enn(header, rows, data, where):
       shown(cell, metrics.get(key), f"{at} {key}")
 
 
+FAMILY_QUALITY = ["method", "dataset", "rel.", "gen.", "loc.", "RR", "DD",
+                  "modules after 100", "median edit s",
+                  "1,000 edits (est. h)"]
+FAMILY_COST = ["method", "edits", "added params", "b1 ms/token",
+               "b8 ms/token", "peak RSS MiB"]
+
+
+def check_family(header, rows, data, where):
+  """The architectural family's tables (experiments/family.py)."""
+  if header == FAMILY_QUALITY:
+    for cells, line in rows:
+      at = f"{where}:{line}"
+      [r] = [r for r in data["quality"]
+             if (r["method"], r["dataset"]) == (cells[0], cells[1])]
+      if r["status"] != "measured":
+        assert cells[2] == "not run", at
+        continue
+      for cell, key in zip(cells[2:7], ("reliability", "generalisation",
+                                         "locality", "rr", "dd")):
+        shown(cell, r[key], f"{at} {key}")
+      for k, v in r["modules"].items():
+        assert f"{k} {v}" in cells[7], f"{at} modules"
+      shown(cells[8], r["edit_seconds_median"], at + " edit s")
+      shown(cells[9], r["estimate_1000_hours"], at + " estimate")
+    return
+  assert header == FAMILY_COST, where
+  for cells, line in rows:
+    at = f"{where}:{line}"
+    cost = data["cost"][cells[0]]
+    by = {r["batch"]: r for r in cost["rows"]
+          if r["edits"] == int(cells[1]) and r["scope"] == "out"}
+    shown(cells[2], by[1]["added_params"], at + " added")
+    shown(cells[3], by[1]["ms_per_token"], at + " b1")
+    shown(cells[4], by[8]["ms_per_token"], at + " b8")
+    shown(cells[5], cost["peak_rss_mib"], at + " rss")
+
+
 # Tables with no JSON behind them (plans, not measurements).
 NOT_MEASURED = (["row", "estimated time on this CPU"],)
 
@@ -338,6 +375,8 @@ def test_every_results_table_matches_its_json():
       check_fever(header, rows, data, where)
     elif header[1] == "editor / CNN":
       check_enn(header, rows, data, where)
+    elif header in (FAMILY_QUALITY, FAMILY_COST):
+      check_family(header, rows, data, where)
     else:
       pytest.fail(f"{where}: a table this test does not check; add a checker")
     checked += len(rows)

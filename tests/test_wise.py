@@ -18,14 +18,15 @@ from tests.conftest import make_tiny_lm
 # ~0.02, far from what moving a prediction takes).
 FAST = dict(layer=2, num_contexts=1, num_negatives=4, negative_length=17,
             steps=25, optimizer="adam", lr=0.02, norm_constraint=50.0,
-            alpha=0.05, beta=0.5, gamma=0.3, replay=10.0)
+            alpha=0.05, beta=0.5, gamma=0.3, replay=10.0, save_freq=500,
+            hard_negatives=2)
 # A byte-level random model's next-token distributions are nearly uniform and
 # its MLP outputs tiny: moving a prediction needs the last block, a large step
 # and margins that weigh little (routing is then not selective: its own tests
 # use FAST).
 CONTENT = dict(layer=3, num_contexts=1, num_negatives=4, negative_length=17,
                steps=40, optimizer="adam", lr=0.5, norm_constraint=1000.0,
-               margin_weight=0.1)
+               margin_weight=0.1, save_freq=500, hard_negatives=2)
 
 
 def _req(prompt, subject, target):
@@ -183,6 +184,53 @@ def _first_token(model, params, req):
 def content_edited(model):
   editor = editors.get("wise", **CONTENT)
   return editor.apply(model, model.params, REQS[:1], editor.init(model))
+
+
+def test_per_edit_shards_route_each_edit_to_its_own_shard(model):
+  """The default layout: one shard per edit (save_freq=1), each with its own
+  threshold; an edit prompt's largest firing distance is its own shard's,
+  and unrelated text fires none."""
+  editor = _editor(save_freq=1, merge_freq=1000)
+  params, _, info = editor.apply(model, model.params, REQS,
+                                 editor.init(model))
+  assert wise.size(params, editor.hparams) == 3
+  assert [r.touched[0].index for r in info.records] == [0, 1, 2]
+  _, a = wise.side_memory(params, editor.hparams)
+  assert len(set(np.asarray(a.params["threshold"])[:3].tolist())) == 3
+  main = adapters.with_adapters(params, wise.site(editor.hparams), ())
+  for i, req in enumerate(REQS):
+    text = req["prompt"].format(req["subject"]) if "{}" in req["prompt"] \
+        else req["prompt"]
+    tokens = jnp.asarray([model.encode(text)])
+    _, key, value = wise._layer_inputs(  # pylint: disable=protected-access
+        model.config, main, tokens, jnp.ones_like(tokens),
+        layer=editor.hparams.layer)
+    _, d = wise.shard_distances(a.params["deltas"], value, key,
+                                model.config.activation)
+    d_S = np.asarray(d)[:, 0, -1]
+    fires = (d_S > np.asarray(a.params["threshold"])) & (
+        np.asarray(a.params["active"]) > 0)
+    assert fires[i] and np.argmax(np.where(fires, d_S, -np.inf)) == i
+  for text in UNRELATED:
+    assert _margin_at_last_token(model, params, editor.hparams, text) < 0
+
+
+def test_hard_negatives_use_the_edit_template_with_other_subjects(model):
+  editor = _editor(hard_negatives=3)
+  state = editor.init(model)
+  request = base.make_requests([REQS[0]])[0]
+  rows = wise._hard_rows(  # pylint: disable=protected-access
+      model, request, state, editor.hparams, 0)
+  assert len(rows) == 3
+  for ids in rows:
+    text = model.tokenizer.decode(ids)
+    assert text.endswith(" lives in") and "Kalomi" not in text
+  # Deterministic per edit count, different across edits.
+  again = wise._hard_rows(  # pylint: disable=protected-access
+      model, request, state, editor.hparams, 0)
+  assert again == rows
+  assert wise._hard_rows(  # pylint: disable=protected-access
+      model, request, state, editor.hparams, 1) != rows
 
 
 def test_an_edit_makes_its_first_target_token_greedy(model, content_edited):
