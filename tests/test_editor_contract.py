@@ -74,11 +74,18 @@ def build(name, model):
             "std": np.ones((2, width), np.float32)}
     ed = editors.get("mend", layers=(2, 3), rank=4)
     return ed, ed.init(model, trained=(net, norm))
+  if name == "tpatcher":
+    ed = editors.get("tpatcher", layer=3, memory_size=64, memory_task="",
+                     steps=5, capacity=2)
+    return ed, ed.init(model)
+  if name == "serac":
+    ed = editors.get("serac")
+    return ed, ed.init(model)
   raise ValueError(name)
 
 
 BUILDABLE = ("rome", "memit", "alphaedit", "ft", "ftl", "ftkl", "ewc", "kn",
-             "mend")
+             "mend", "tpatcher", "serac")
 
 
 def _walk(node, where):
