@@ -289,3 +289,30 @@ def test_sharded_apply_on_8_devices_sees_the_adapter():
   assert report["changed"] > 1e-2
   assert report["max_diff"] < 1e-4, report
   assert report["plain_diff"] < 1e-4, report
+
+
+def test_find_put_grow_set_slot(model):
+  """The slot helpers the growing editors (GRACE, T-Patcher, WISE) share."""
+  slots = adapters.Adapter(
+      {"keys": jnp.arange(6.0).reshape(3, 2), "active": jnp.ones(3, jnp.int32)},
+      scale_output, kind="slots")
+  other = random_adapter(model)
+  params = adapters.with_adapters(model.params, SITE, (other,))
+  assert adapters.find(params, SITE, "slots") == (None, None)
+  params = adapters.put(params, SITE, "slots", slots)  # appended
+  index, found = adapters.find(params, SITE, "slots")
+  assert index == 1 and found is slots
+  grown = adapters.grow(slots, 4)  # 3 -> 6 slots, zeros after the old ones
+  assert grown.params["keys"].shape == (6, 2)
+  np.testing.assert_array_equal(grown.params["keys"][:3], slots.params["keys"])
+  np.testing.assert_array_equal(grown.params["active"][3:], 0)
+  assert adapters.grow(slots, 3) is slots
+  written = adapters.set_slot(grown, 4, keys=jnp.array([7.0, 8.0]), active=1)
+  np.testing.assert_array_equal(written.params["keys"][4], [7.0, 8.0])
+  np.testing.assert_array_equal(grown.params["keys"][4], [0.0, 0.0])  # pure
+  replaced = adapters.put(params, SITE, "slots", written)
+  assert adapters.at(replaced, SITE)[0] is other
+  assert adapters.at(replaced, SITE)[1] is written
+  dropped = adapters.put(replaced, SITE, "slots", None)
+  assert adapters.at(dropped, SITE) == (other,)
+  assert len(adapters.at(params, SITE)) == 2  # the input is untouched

@@ -203,7 +203,7 @@ def test_capacity_doubles(edited):
                                               64)
   slots = [e.index for r in edited["info"].records for e in r.touched]
   assert slots == list(range(n))  # in order, each once
-  grown = tpatcher._grow(a, 2 * a.params["keys"].shape[0] + 1)
+  grown = adapters.grow(a, 2 * a.params["keys"].shape[0] + 1)
   assert all(v.shape[0] == 4 * a.params["keys"].shape[0]
              for v in jax.tree.leaves(grown.params))
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(x[:len(y)], y),

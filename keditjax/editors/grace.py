@@ -170,12 +170,9 @@ def site(hparams: GraceHParams) -> str:
   return f"layer/{hparams.layer}/mlp/value"
 
 
-def codebook(params, hparams: GraceHParams):
+def codebook(params, hparams):
   """(index in the site's adapter stack, the GRACE adapter) or (None, None)."""
-  for i, a in enumerate(adapters_lib.at(params, site(hparams))):
-    if a.kind == KIND:
-      return i, a
-  return None, None
+  return adapters_lib.find(params, site(hparams), KIND)
 
 
 def empty_codebook(capacity: int, key_dim: int, value_dim: int,
@@ -191,15 +188,6 @@ def empty_codebook(capacity: int, key_dim: int, value_dim: int,
       options=(("replacement", replacement),), kind=KIND)
 
 
-def _put(params, hparams, adapter):
-  """params with the GRACE adapter at its site replaced by `adapter`."""
-  index, _ = codebook(params, hparams)
-  stack = list(adapters_lib.at(params, site(hparams)))
-  if index is None:
-    stack.append(adapter)
-  else:
-    stack[index] = adapter
-  return adapters_lib.with_adapters(params, site(hparams), stack)
 
 
 def label_of(target: str) -> int:
@@ -352,24 +340,8 @@ class GraceState:
   num_edits: jax.Array
 
 
-def _grow(adapter, needed: int):
-  """The adapter with at least `needed` slots (doubling)."""
-  cap = adapter.params["keys"].shape[0]
-  if needed <= cap:
-    return adapter
-  new_cap = cap
-  while new_cap < needed:
-    new_cap *= 2
-  pad = lambda x: jnp.concatenate(
-      [x, jnp.zeros((new_cap - cap,) + x.shape[1:], x.dtype)])
-  return dataclasses.replace(adapter, params=jax.tree.map(pad, adapter.params))
 
 
-def _set(adapter, index, **fields):
-  p = dict(adapter.params)
-  for name, value in fields.items():
-    p[name] = p[name].at[index].set(value)
-  return dataclasses.replace(adapter, params=p)
 
 
 def grace(hparams: GraceHParams = GraceHParams()):
@@ -429,7 +401,7 @@ def grace(hparams: GraceHParams = GraceHParams()):
         touched.append(base.AdapterEntry(
             where, KIND, entry, "expand",
             {"eps": float(p["eps"][j]), "value": p["values"][j].copy()}))
-        adapter = _set(adapter, j, eps=max(float(p["eps"][j]), d))
+        adapter = adapters_lib.set_slot(adapter, j, eps=max(float(p["eps"][j]), d))
         v0 = p["values"][j]
       else:
         radius = eps0
@@ -437,11 +409,11 @@ def grace(hparams: GraceHParams = GraceHParams()):
           radius = d / 2.0
           touched.append(base.AdapterEntry(
               where, KIND, j, "shrink", {"eps": float(p["eps"][j])}))
-          adapter = _set(adapter, j, eps=min(float(p["eps"][j]), radius))
+          adapter = adapters_lib.set_slot(adapter, j, eps=min(float(p["eps"][j]), radius))
         free = np.flatnonzero(p["active"] == 0)
         entry = int(free[0]) if free.size else p["keys"].shape[0]
-        adapter = _grow(adapter, entry + 1)
-        adapter = _set(adapter, entry, keys=key_F, eps=radius, labels=label,
+        adapter = adapters_lib.grow(adapter, entry + 1)
+        adapter = adapters_lib.set_slot(adapter, entry, keys=key_F, eps=radius, labels=label,
                        active=1, values=jnp.zeros(model.config.hidden_size))
         touched.append(base.AdapterEntry(where, KIND, entry, "add", None))
         v0 = (x["value"] if hparams.value_init == "current" else
@@ -458,8 +430,8 @@ def grace(hparams: GraceHParams = GraceHParams()):
                                       x["mask"].shape[1])), x["where"], x["targets"], x["tmask"],
             jnp.asarray(v0), layer=layer, steps=hparams.steps, lr=hparams.lr,
             stop_nll=hparams.stop_nll)
-      adapter = _set(adapter, entry, values=value)
-      new_params = _put(new_params, hparams, adapter)
+      adapter = adapters_lib.set_slot(adapter, entry, values=value)
+      new_params = adapters_lib.put(new_params, site(hparams), KIND, adapter)
       count += 1
       records.append(base.EditRecord(
           id=uuid.uuid4().hex, method="grace", request=request,
@@ -498,14 +470,14 @@ def remove(params, hparams: GraceHParams, records):
             f"record {record.id} names entry {entry.index}, beyond the "
             "codebook.")
       if entry.action == "add":
-        adapter = _set(adapter, entry.index, keys=0.0, values=0.0, eps=0.0,
+        adapter = adapters_lib.set_slot(adapter, entry.index, keys=0.0, values=0.0, eps=0.0,
                        labels=0, active=0)
       elif entry.action == "shrink":
-        adapter = _set(adapter, entry.index, eps=entry.previous["eps"])
+        adapter = adapters_lib.set_slot(adapter, entry.index, eps=entry.previous["eps"])
       elif entry.action == "expand":
-        adapter = _set(adapter, entry.index, eps=entry.previous["eps"],
+        adapter = adapters_lib.set_slot(adapter, entry.index, eps=entry.previous["eps"],
                        values=entry.previous["value"])
-  return _put(params, hparams, adapter)
+  return adapters_lib.put(params, site(hparams), KIND, adapter)
 
 
 __all__ = ["GraceHParams", "GraceState", "codebook", "codebook_lookup",

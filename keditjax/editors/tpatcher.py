@@ -238,13 +238,9 @@ def site(hparams: TPatcherHParams) -> str:
   return f"layer/{hparams.layer}/mlp/value"
 
 
-def patch(params, hparams: TPatcherHParams):
-  """(index in the site's adapter stack, the T-Patcher adapter) or
-  (None, None)."""
-  for i, a in enumerate(adapters_lib.at(params, site(hparams))):
-    if a.kind == KIND:
-      return i, a
-  return None, None
+def patch(params, hparams):
+  """(index in the site's adapter stack, the T-Patcher adapter) or (None, None)."""
+  return adapters_lib.find(params, site(hparams), KIND)
 
 
 def size(params, hparams: TPatcherHParams) -> int:
@@ -253,35 +249,10 @@ def size(params, hparams: TPatcherHParams) -> int:
   return 0 if a is None else int(np.sum(np.asarray(a.params["active"])))
 
 
-def _put(params, hparams, adapter):
-  """params with the T-Patcher adapter at its site replaced by `adapter`."""
-  index, _ = patch(params, hparams)
-  stack = list(adapters_lib.at(params, site(hparams)))
-  if index is None:
-    stack.append(adapter)
-  else:
-    stack[index] = adapter
-  return adapters_lib.with_adapters(params, site(hparams), stack)
 
 
-def _grow(adapter, needed: int):
-  """The adapter with at least `needed` slots (doubling)."""
-  cap = adapter.params["keys"].shape[0]
-  if needed <= cap:
-    return adapter
-  new_cap = cap
-  while new_cap < needed:
-    new_cap *= 2
-  pad = lambda x: jnp.concatenate(
-      [x, jnp.zeros((new_cap - cap,) + x.shape[1:], x.dtype)])
-  return dataclasses.replace(adapter, params=jax.tree.map(pad, adapter.params))
 
 
-def _set(adapter, index, **fields):
-  p = dict(adapter.params)
-  for name, value in fields.items():
-    p[name] = p[name].at[index].set(value)
-  return dataclasses.replace(adapter, params=p)
 
 
 # -- the state: a memory of MLP inputs ----------------------------------------
@@ -720,13 +691,13 @@ def tpatcher(hparams: TPatcherHParams = TPatcherHParams()):
       for slot in range(int(on.sum())):
         free = np.flatnonzero(np.asarray(adapter.params["active"]) == 0)
         entry = int(free[0]) if free.size else adapter.params["keys"].shape[0]
-        adapter = _grow(adapter, entry + 1)
-        adapter = _set(adapter, entry, keys=trainee["keys"][slot],
+        adapter = adapters_lib.grow(adapter, entry + 1)
+        adapter = adapters_lib.set_slot(adapter, entry, keys=trainee["keys"][slot],
                        bias=trainee["bias"][slot],
                        values=trainee["values"][slot], active=1)
         touched.append(base.AdapterEntry(where, KIND, entry, "add", None))
       if touched:
-        new_params = _put(new_params, hparams, adapter)
+        new_params = adapters_lib.put(new_params, site(hparams), KIND, adapter)
       # Later neurons must stay silent on this edit's input too.
       state = _append_memory(state, x["h_in"], count + 1)
       count += 1
@@ -779,9 +750,9 @@ def remove(params, hparams: TPatcherHParams, records):
         raise errors.InputError(
             f"record {record.id} names neuron {entry.index}, beyond the "
             f"patch's {cap} slots.")
-      adapter = _set(adapter, entry.index, keys=0.0, bias=0.0, values=0.0,
+      adapter = adapters_lib.set_slot(adapter, entry.index, keys=0.0, bias=0.0, values=0.0,
                      active=0)
-  return _put(params, hparams, adapter)
+  return adapters_lib.put(params, site(hparams), KIND, adapter)
 
 
 __all__ = ["TPatcherHParams", "TPatcherState", "corpus_memory", "empty_patch",

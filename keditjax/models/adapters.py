@@ -116,6 +116,57 @@ def with_adapters(params, site: str, adapters) -> dict:
   return out
 
 
+def find(params, site: str, kind: str):
+  """(index in the site's stack, the first adapter of `kind`) or (None,
+  None)."""
+  for i, a in enumerate(at(params, site)):
+    if a.kind == kind:
+      return i, a
+  return None, None
+
+
+def put(params, site: str, kind: str, adapter) -> dict:
+  """params with the site's adapter of `kind` replaced by `adapter` (appended
+  when the site has none; dropped when `adapter` is None). An editor that
+  keeps one growing adapter per site (GRACE, T-Patcher, WISE) writes it back
+  with this."""
+  index, _ = find(params, site, kind)
+  stack = list(at(params, site))
+  if index is None:
+    stack.append(adapter)
+  elif adapter is None:
+    del stack[index]
+  else:
+    stack[index] = adapter
+  return with_adapters(params, site, [a for a in stack if a is not None])
+
+
+def grow(adapter: Adapter, needed: int) -> Adapter:
+  """The adapter with at least `needed` slots, doubling its capacity.
+
+  Every leaf of `adapter.params` must have the slot axis first; new slots
+  are zeros. Doubling keeps the number of compiled shapes logarithmic in the
+  number of edits.
+  """
+  cap = jax.tree.leaves(adapter.params)[0].shape[0]
+  if needed <= cap:
+    return adapter
+  new_cap = max(cap, 1)
+  while new_cap < needed:
+    new_cap *= 2
+  pad = lambda x: jax.numpy.concatenate(
+      [x, jax.numpy.zeros((new_cap - cap,) + x.shape[1:], x.dtype)])
+  return dataclasses.replace(adapter, params=jax.tree.map(pad, adapter.params))
+
+
+def set_slot(adapter: Adapter, index, **fields) -> Adapter:
+  """The adapter with `params[name][index] = value` for each field."""
+  p = dict(adapter.params)
+  for name, value in fields.items():
+    p[name] = p[name].at[index].set(value)
+  return dataclasses.replace(adapter, params=p)
+
+
 # -- keditjax's own format ------------------------------------------------
 
 def _fn_name(fn) -> str:
