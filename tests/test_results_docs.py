@@ -154,9 +154,11 @@ def _check_command(cell, results, where):
     assert int(flags.get("batch_size", 1)) == protocol["batch_size"], where
     if protocol["mode"] != "sequential":
       assert int(flags.get("dd_every", 10)) == protocol["dd_every"], where
-  if "config.mend.checkpoint" in flags:
-    assert flags["config.mend.checkpoint"] == results["hparams"]["checkpoint"], (
-        f"{where}: the command's checkpoint is not the JSON's")
+  for flag, value in flags.items():  # --config.<method>.<field>=value
+    if flag.startswith("config."):
+      field = flag.split(".", 2)[2]
+      assert str(results["hparams"][field]) == value, (
+          f"{where}: the command's {field} is not the JSON's")
 
 
 def check_harness_row(header, cells, results, where):
