@@ -5,10 +5,13 @@ For each setting (`--settings`, one `field=value,...` string each) this edits
 (efficacy, paraphrase, neighbourhood: the harness's CounterFact metrics) and
 measures the router itself: at the last prompt token of each edit prompt,
 paraphrase, neighbourhood prompt and of held-out WikiText-2 text, how often
-a shard fires, and the distances relative to the threshold.
+a shard fires, and the distances relative to the threshold; and the scores
+with every shard forced to fire (content without routing). Records from
+`--start` on are past those whose subjects and locality prompts `init`
+uses as negatives. The unedited model's scores come first.
 
-  python -m experiments.wise_sweep --num_records=30 \
-      --settings="layer=24" --settings="layer=24,alpha=0.1" \
+  python -m experiments.wise_sweep --num_records=20 \
+      --settings="seed=0" --settings="save_freq=500,hard_negatives=0" \
       --output=docs/results/wise_sweep.json
 """
 
@@ -86,6 +89,15 @@ def run_setting(model, cases, overrides, heldout_texts):
     steps += info.extras["steps"]
   _, summary = evaluator.evaluate(model, params, cases,
                                   families=("counterfact",))
+  # Content apart from routing: the same side memory with every live shard
+  # forced to fire (the best live shard by distance still gives the output).
+  _, adapter = wise.side_memory(params, editor.hparams)
+  forced = wise._put(  # pylint: disable=protected-access
+      params, editor.hparams, dataclasses.replace(adapter, params=dict(
+          adapter.params, threshold=jnp.where(adapter.params["active"] > 0,
+                                              -1e9, jnp.inf))))
+  _, forced_summary = evaluator.evaluate(model, forced, cases,
+                                         families=("counterfact",))
   routing = {}
   groups = {
       "edit": [r.text for c in cases for r in c.requests],
@@ -102,6 +114,11 @@ def run_setting(model, cases, overrides, heldout_texts):
           "threshold": info.extras["threshold"][-1],
           "metrics": {k: summary[k] for k in (
               "efficacy_score", "paraphrase_score", "neighborhood_score")},
+          "metrics_all_shards_fire": {k: forced_summary[k] for k in (
+              "efficacy_score", "paraphrase_score", "neighborhood_score")},
+          "thresholds": [float(t) for t, a in zip(
+              np.asarray(adapter.params["threshold"]),
+              np.asarray(adapter.params["active"])) if a > 0],
           "routing": routing, "edit_seconds_median": float(np.median(seconds)),
           "steps_median": float(np.median(steps))}
 
@@ -128,19 +145,25 @@ def main(argv):
   cases = cases_lib.load_cases("counterfact", "counterfact-train",
                                limit=FLAGS.num_records, start=FLAGS.start)
   texts = heldout_wikitext(model)
+  _, summary = evaluator.evaluate(model, model.params, cases,
+                                  families=("counterfact",))
+  unedited = {k: summary[k] for k in (
+      "efficacy_score", "paraphrase_score", "neighborhood_score")}
+  print(json.dumps({"unedited": unedited}), flush=True)
   results = []
   for setting in FLAGS.settings:
     row = run_setting(model, cases, parse(setting), texts)
-    print(json.dumps({k: row[k] for k in ("overrides", "metrics", "routing",
+    print(json.dumps({k: row[k] for k in ("overrides", "metrics",
+                                          "metrics_all_shards_fire", "routing",
                                           "edit_seconds_median",
                                           "steps_median", "threshold")}),
           flush=True)
     results.append(row)
-  if FLAGS.output:
-    with open(FLAGS.output, "w") as f:
-      json.dump({"num_records": FLAGS.num_records, "start": FLAGS.start,
-                 "split": "counterfact-train",
-                 "results": results}, f, indent=1)
+    if FLAGS.output:  # after every setting: a long sweep keeps what it has
+      with open(FLAGS.output, "w") as f:
+        json.dump({"num_records": FLAGS.num_records, "start": FLAGS.start,
+                   "split": "counterfact-train",
+                   "unedited": unedited, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -215,13 +215,13 @@ def test_per_edit_shards_route_each_edit_to_its_own_shard(model):
     assert _margin_at_last_token(model, params, editor.hparams, text) < 0
 
 
-def test_hard_negatives_use_the_edit_template_with_other_subjects(model):
-  editor = _editor(hard_negatives=3)
-  state = editor.init(model)
+def test_hard_negatives_use_the_edit_template_with_other_subjects(model,
+                                                                  edited):
+  editor, _, state, _, _ = edited
   request = base.make_requests([REQS[0]])[0]
   rows = wise._hard_rows(  # pylint: disable=protected-access
       model, request, state, editor.hparams, 0)
-  assert len(rows) == 3
+  assert len(rows) == editor.hparams.hard_negatives == 2
   for ids in rows:
     text = model.tokenizer.decode(ids)
     assert text.endswith(" lives in") and "Kalomi" not in text

@@ -49,7 +49,13 @@ token of every row, the position whose output predicts the target; with
 "subject", every prompt position from the subject's last token on. d_out are
 those of fixed out-of-scope tokens captured in `init` and kept in the state:
 WikiText-2 paragraphs and CounterFact training-split locality prompts
-(another subject, the same relation: the reference's per-edit `loc_prompt`).
+(another subject, the same relation: the reference's per-edit `loc_prompt`),
+plus, per edit, `hard_negatives` prompts of the edit's own template around
+other training-split subjects, at their last token. These are the prompts a
+router on the last token confuses with the edit: at a late layer the last
+token's key mostly encodes the relation and the answer it predicts, which a
+CounterFact neighbourhood prompt shares with the edit prompt (on
+SmolLM2-135M, without them 40-65% of the neighbourhood prompts fired).
 Training writes the side memory exactly where the router should send the
 edit at inference, the in-scope positions (target positions are left out:
 their keys are the target's own tokens, which a neighbourhood prompt scored
@@ -82,6 +88,22 @@ magnitude, elect the sign by the weighted sum, average the agreeing entries).
 `retrieve=True` (WISE-Retrieve, the reference default) merges the shards
 closed since the last merge into one more retrievable shard; `retrieve=False`
 (WISE-Merge) merges every shard, earlier merges included, into one.
+
+The default is one shard per edit (`save_freq=1`, `merge_freq=1000`: no
+merge within the first 1000 edits), each with its own threshold. Measured
+on 20 CounterFact training-split edits (experiments.wise_sweep,
+docs/results/wise_sweep.json), one shard for every edit routes badly:
+its threshold is act_ratio × the smallest in-scope distance of any of its
+edits (those vary 42-77 here, so one weakly separated edit lowers it for
+all), and later edits raise the distances of earlier edits' neighbours.
+65% of the neighbourhood prompts and 11% of held-out WikiText-2 fired, and
+the neighbourhood score fell 10 points below the unedited model's (on the
+first 20 training records, the edits also interfered: 15% failed even with
+the shard forced on). A shard per edit is trained alone against its own
+hard negatives and keeps its own threshold: edit prompts fire 100%,
+neighbourhood prompts 5%, WikiText-2 0%. The cost is
+inference: S shards' side outputs per position (S × F × D work), which
+merging (`merge_freq`) bounds on long sequences.
 
 Removal (`remove`) is exact for the most recent edits, undone newest first:
 each record keeps the entries its edit changed (the shard's masked entries,
@@ -155,7 +177,9 @@ class WiseHParams:
       reference's 5:20:10 ratios kept roughly (here 1:5:3); in units of the
       scale because the absolute values are Llama-2-7B's (module docstring).
     margin_weight: weight of the margin terms against the NLL.
-    save_freq: edits per shard [save_freq].
+    save_freq: edits per shard [save_freq]; 1: a shard (and threshold) per
+      edit (module docstring; the reference's 500 is for 1000 edits into a
+      7B model's layer).
     merge_freq: edits between merges; a multiple of save_freq [merge_freq].
     density: TIES keeps this share of each shard's entries [densities].
     num_contexts: generated prefixes per edit (0-10) in front of the prompt
@@ -167,6 +191,9 @@ class WiseHParams:
     locality_prompts: CounterFact training-split locality prompts (another
       subject, the same relation, with its answer) whose tokens join the
       out-of-scope set, as the reference's per-edit `loc_prompt` does.
+    hard_negatives: per edit, prompts of the edit's template around other
+      subjects (from the first SUBJECT_POOL training-split records) whose
+      last token joins the out-of-scope set (module docstring).
     scope: the in-scope positions, "last" (the last prompt token) or
       "subject" (from the subject's last token on); module docstring.
     stop_nll: an edit stops early once every target token is greedy, the
@@ -190,7 +217,7 @@ class WiseHParams:
   alpha: float = 0.05
   beta: float = 0.25
   gamma: float = 0.15
-  save_freq: int = 500
+  save_freq: int = 1
   merge_freq: int = 1000
   density: float = 0.53
   num_contexts: int = 4
