@@ -17,8 +17,11 @@ token), and what the router decides is reported beside the latency:
             1.16 neurons per edit at the default max of 5; the benchmark uses
             the run's ratio, see `NEURONS_PER_EDIT`), keys random, bias
             negative (silent).
-  wise      ceil(N / save_freq) side-memory shards (WISE-Retrieve keeps every
-            shard; thresholds finite so every shard's distance is computed).
+  wise      the side-memory shards the default schedule leaves after N edits
+            (`wise.shards_after`: one per `save_freq` edits, merged into one
+            retrievable shard every `merge_freq` edits, so 10 edits are 10
+            shards, 100 are 100 and 1,000 are 1); thresholds finite so every
+            shard's distance is computed.
   serac     N edit statements (CounterFact training split) in the memory;
             every prompt is embedded by MiniLM and scored against all N. The
             prompts are out of scope (`scope=out`: the base model answers the
@@ -89,7 +92,7 @@ def _tpatcher(model, params, n):
 def _wise(model, params, n):
   from keditjax.editors import wise  # pylint: disable=import-outside-toplevel
   hp = wise.WiseHParams()
-  s = max(1, math.ceil(n / hp.save_freq))
+  s = wise.shards_after(n, hp)
   f, d = model.config.intermediate_size, model.config.hidden_size
   rng = np.random.default_rng(0)
   deltas = (rng.normal(size=(s, f, d)) * 1e-3).astype(np.float32)

@@ -293,6 +293,17 @@ def test_shards_save_merge_and_merged_memory_keeps_each_edit(model):
   p, s, _ = merge_mode.apply(model, model.params, REQS[:2],
                              merge_mode.init(model))
   assert wise.size(p, merge_mode.hparams) == 1
+  # The schedule's closed form (experiments/bench_arch.py sizes WISE by it).
+  assert wise.shards_after(1, editor.hparams) == 1
+  assert wise.shards_after(2, editor.hparams) == 1
+  assert wise.shards_after(2, merge_mode.hparams) == 1
+  hp = wise.WiseHParams()
+  assert [wise.shards_after(n, hp) for n in (0, 10, 100, 999, 1000, 1001)] == [
+      1, 10, 100, 999, 1, 2]
+  hp = dataclasses.replace(hp, save_freq=3, merge_freq=6)
+  assert [wise.shards_after(n, hp) for n in (5, 6, 7, 13)] == [2, 1, 2, 3]
+  hp = dataclasses.replace(hp, retrieve=False)
+  assert wise.shards_after(13, hp) == 2
 
 
 def test_kv_cached_generation_equals_the_full_forward_pass(model,

@@ -876,6 +876,17 @@ def _slot_fields(adapter, slot):
           "active": int(p["active"][slot]), "merged": int(p["merged"][slot])}
 
 
+def shards_after(n: int, hparams: WiseHParams) -> int:
+  """Live shards after n edits from an empty side memory, by the schedule:
+  a shard per `save_freq` edits, those since the last merge folded into one
+  every `merge_freq` edits (WISE-Retrieve keeps each merge; WISE-Merge folds
+  everything into one)."""
+  merges = n // hparams.merge_freq
+  if not hparams.retrieve:
+    merges = min(merges, 1)
+  return max(1, merges + -(-(n % hparams.merge_freq) // hparams.save_freq))
+
+
 def _merge(adapter, hparams, where):
   """Merges shards by TIES (module docstring): retrieve merges the unmerged
   shards into one more shard, merge mode folds every shard into one.
