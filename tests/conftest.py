@@ -1,11 +1,27 @@
 """Shared fixtures: tiny golden checkpoints and the real default model."""
 
+import gc
 import os
 
 import numpy as np
 import pytest
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_executables():
+  """Frees every test module's compiled executables when it ends.
+
+  Each XLA:CPU executable holds its own memory mappings; the whole suite in
+  one process kept ~100k of them alive and crossed the kernel's limit
+  (vm.max_map_count, 65530), after which LLVM aborted mid-compile (CI exit
+  139/134 in test_tracing). Modules share no jitted functions, so this costs
+  no recompiles within a module."""
+  yield
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.clear_caches()
+  gc.collect()
 
 
 def golden_dir(name: str) -> str:
