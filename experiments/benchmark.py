@@ -13,7 +13,6 @@ the number of XLA compilations that first call triggered (steady calls must
 trigger none, STYLE.md §4).
 """
 
-import dataclasses
 import json
 import os
 import resource
@@ -27,7 +26,7 @@ from absl import app, flags, logging
 from experiments import bench_arch, bench_edit, bench_train
 from experiments import common  # noqa: F401  (defines --compilation_cache)
 from keditjax import compilation_cache, models
-from keditjax.models import adapters, lm
+from keditjax.models import lm
 
 _TASK = flags.DEFINE_enum("task", "forward", ["forward", "generate", "stats", "edit", "score", "train", "arch"],
                               "What to time.")
@@ -74,24 +73,6 @@ _GRACE = flags.DEFINE_list("grace_entries", ["0"], "forward: GRACE codebook size
                            "(0: no adapter), to price an architectural edit.")
 
 
-def with_codebook(model, params, entries: int):
-  """`params` plus a GRACE codebook of `entries` random live keys (ε small
-  enough that nothing hits: the lookup costs the same either way)."""
-  from keditjax.editors import grace
-  if not entries:
-    return params
-  hp = grace.GraceHParams()
-  rng = np.random.default_rng(1)
-  book = grace.empty_codebook(entries, model.config.intermediate_size,
-                              model.config.hidden_size, hp.replacement)
-  p = dict(book.params, keys=jax.numpy.asarray(rng.normal(size=book.params["keys"].shape), "float32"),
-           values=jax.numpy.asarray(rng.normal(size=book.params["values"].shape), "float32"),
-           eps=jax.numpy.full((entries,), 1e-3, "float32"),
-           active=jax.numpy.ones((entries,), "int32"))
-  book = dataclasses.replace(book, params=p)
-  return adapters.with_adapters(params, grace.site(hp), (book,))
-
-
 def bench_forward(model, params):
   """`lm.forward` logits for random tokens of every (batch, length[, codebook])."""
   rows, rng = [], np.random.default_rng(0)
@@ -99,7 +80,7 @@ def bench_forward(model, params):
     for length in map(int, _LENGTHS.value):
       tokens = jax.device_put(rng.integers(0, model.config.vocab_size, (batch, length), np.int32))
       for entries in map(int, _GRACE.value):
-        p = with_codebook(model, params, entries)
+        p = bench_arch.with_codebook(model, params, entries)
         call = lambda: lm.forward(model.config, p, tokens)[0].block_until_ready()
         rows.append({"batch": batch, "length": length, "grace_entries": entries,
                      **measure(call, batch * length)})
