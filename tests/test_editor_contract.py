@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -257,3 +258,27 @@ def test_alphaedit_resumes_in_a_new_process(tmp_path):
       want[k], np.asarray(base.get_leaf(model.params, k.split("/"))))]
   assert sorted(changed) == ["layers_1/mlp/down_proj/kernel",
                              "layers_2/mlp/down_proj/kernel"]
+
+
+def test_edit_layout_pads_to_buckets_and_points_at_the_predicting_positions(
+    model):
+  out = base.edit_layout(model, [5, 6, 7], [8, 9])
+  length = out["tokens"].shape[1]
+  assert out["tokens"].shape == out["mask"].shape == (1, length) and length >= 5
+  np.testing.assert_array_equal(out["tokens"][0, :5], [5, 6, 7, 8, 9])
+  assert out["tokens"][0, 5:].sum() == 0
+  np.testing.assert_array_equal(out["mask"][0], [1] * 5 + [0] * (length - 5))
+  assert out["where"].shape[1] % 4 == 0
+  np.testing.assert_array_equal(out["where"][0, :2], [2, 3])  # 7→8, 8→9
+  np.testing.assert_array_equal(out["targets"][0, :2], [8, 9])
+  np.testing.assert_array_equal(out["tmask"][0], [1, 1] + [0] * (
+      out["tmask"].shape[1] - 2))
+
+
+def test_adapter_editors_refuse_bad_layers_and_encoders(model):
+  with pytest.raises(errors.ConfigError, match="layer"):
+    base.check_decoder_layer(model, model.config.num_layers, "GRACE")
+  encoder = types.SimpleNamespace(config=types.SimpleNamespace(
+      num_layers=model.config.num_layers, is_decoder=False))
+  with pytest.raises(errors.ConfigError, match="WISE edits decoder"):
+    base.check_decoder_layer(encoder, 0, "WISE")

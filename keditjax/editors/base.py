@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from keditjax import errors
+from keditjax.models import lm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -467,6 +468,36 @@ def describe_changes(old_params, updates: Mapping[tuple, Any],
       entry["rank"] = int(np.linalg.matrix_rank(delta.astype(np.float32)))
     changed["/".join(path)] = entry
   return changed
+
+
+def edit_layout(model, prompt, target) -> dict:
+  """One request right-padded to a length bucket, as NumPy arrays: `tokens`
+  and `mask` (1, length) of prompt + target, and per target token (width a
+  bucket of 4) the predicting position `where`, the id `targets` and
+  `tmask` (1 for real tokens). `prompt` and `target` are checked id lists."""
+  ids = list(prompt) + list(target)
+  length = lm.bucket(len(ids))
+  if length > model.config.max_position_embeddings:  # callers checked ids
+    length = len(ids)
+  width = lm.bucket(len(target), 4)
+  out = dict(tokens=np.zeros((1, length), np.int32),
+             mask=np.zeros((1, length), np.int32),
+             where=np.zeros((1, width), np.int32),
+             targets=np.zeros((1, width), np.int32),
+             tmask=np.zeros((1, width), np.float32))
+  out["tokens"][0, :len(ids)] = ids
+  out["mask"][0, :len(ids)] = 1
+  out["where"][0, :len(target)] = np.arange(len(prompt) - 1, len(ids) - 1)
+  out["targets"][0, :len(target)] = target
+  out["tmask"][0, :len(target)] = 1
+  return out
+
+
+def check_decoder_layer(model, layer: int, method: str) -> None:
+  """`layer` exists and the model is a decoder LM (adapter editors)."""
+  check_layers([layer], model.config.num_layers, "layer")
+  if not model.config.is_decoder:
+    raise errors.ConfigError(f"{method} edits decoder language models.")
 
 
 def check_layers(layers: Iterable[int], num_layers: int, field: str) -> tuple:

@@ -293,21 +293,9 @@ def _encode(model, request):
 def _edit_inputs(model, params, layer, prompt, target):
   """Key, current value, the residual entering `layer`, and the target
   layout for one request (right-padded to a length bucket)."""
-  ids = prompt + target
-  length = lm.bucket(len(ids))
-  if length > model.config.max_position_embeddings:  # _encode checked ids
-    length = len(ids)
-  width = lm.bucket(len(target), 4)
-  tokens = np.zeros((1, length), np.int32)
-  mask = np.zeros((1, length), np.int32)
-  tokens[0, :len(ids)] = ids
-  mask[0, :len(ids)] = 1
-  where = np.zeros((1, width), np.int32)
-  targets = np.zeros((1, width), np.int32)
-  tmask = np.zeros((1, width), np.float32)
-  where[0, :len(target)] = np.arange(len(prompt) - 1, len(ids) - 1)
-  targets[0, :len(target)] = target
-  tmask[0, :len(target)] = 1
+  layout = base.edit_layout(model, prompt, target)
+  tokens, mask, where, targets, tmask = (
+      layout[k] for k in ("tokens", "mask", "where", "targets", "tmask"))
   last = np.array([len(prompt) - 1], np.int32)
   names = (f"layer/{layer}/mlp/key", f"layer/{layer}/mlp/value")
   hidden, out = _prefix(model.config, params, jnp.asarray(tokens),
@@ -348,9 +336,7 @@ def grace(hparams: GraceHParams = GraceHParams()):
   """The GRACE editor (module docstring)."""
 
   def check_model(model):
-    base.check_layers([hparams.layer], model.config.num_layers, "layer")
-    if not model.config.is_decoder:
-      raise errors.ConfigError("GRACE edits decoder language models.")
+    base.check_decoder_layer(model, hparams.layer, "GRACE")
 
   def init(model, params=None):
     """Checks the layer; GRACE needs no statistics."""

@@ -454,20 +454,9 @@ def _prefix(config, params, tokens, mask, where, targets, *, layer):
 def _edit_inputs(model, params, layer, prompt, target):
   """The edit's padded layout and its activations under `params`."""
   ids = prompt + target
-  length = lm.bucket(len(ids))
-  if length > model.config.max_position_embeddings:  # _encode checked ids
-    length = len(ids)
-  width = lm.bucket(len(target), 4)
-  tokens = np.zeros((1, length), np.int32)
-  mask = np.zeros((1, length), np.int32)
-  tokens[0, :len(ids)] = ids
-  mask[0, :len(ids)] = 1
-  where = np.zeros((1, width), np.int32)
-  targets = np.zeros((1, width), np.int32)
-  tmask = np.zeros((1, width), np.float32)
-  where[0, :len(target)] = np.arange(len(prompt) - 1, len(ids) - 1)
-  targets[0, :len(target)] = target
-  tmask[0, :len(target)] = 1
+  layout = base.edit_layout(model, prompt, target)
+  tokens, mask, where, targets, tmask = (
+      layout[k] for k in ("tokens", "mask", "where", "targets", "tmask"))
   hidden, h_in, greedy, nll = _prefix(
       model.config, params, jnp.asarray(tokens), jnp.asarray(mask),
       jnp.asarray(where), jnp.asarray(targets), layer=layer)
@@ -627,9 +616,7 @@ def tpatcher(hparams: TPatcherHParams = TPatcherHParams()):
   """The T-Patcher editor (module docstring)."""
 
   def check_model(model):
-    base.check_layers([hparams.layer], model.config.num_layers, "layer")
-    if not model.config.is_decoder:
-      raise errors.ConfigError("T-Patcher edits decoder language models.")
+    base.check_decoder_layer(model, hparams.layer, "T-Patcher")
 
   def init(model, params=None):
     """The memory: `memory_size` MLP inputs of `layer` over WikiText-2,

@@ -709,8 +709,9 @@ def _hard_rows(model, request, state, hparams, count):
   return rows
 
 
-def _capture_last(model, params, layer, rows):
-  """`mlp/key` and `mlp/value` at the last position of each of `rows`."""
+def _padded_layer_inputs(model, params, layer, rows):
+  """`rows` right-padded to a bucket (cut at the context): the mask and the
+  layer's `mlp/key` and `mlp/value` at every position."""
   length = min(lm.bucket(max(map(len, rows))),
                model.config.max_position_embeddings)
   tokens = np.zeros((len(rows), length), np.int32)
@@ -721,6 +722,12 @@ def _capture_last(model, params, layer, rows):
     mask[r, :len(ids)] = 1
   _, key, value = _layer_inputs(model.config, params, jnp.asarray(tokens),
                                 jnp.asarray(mask), layer=layer)
+  return mask, key, value
+
+
+def _capture_last(model, params, layer, rows):
+  """`mlp/key` and `mlp/value` at the last position of each of `rows`."""
+  mask, key, value = _padded_layer_inputs(model, params, layer, rows)
   last = mask.sum(1) - 1
   pick = np.arange(len(rows))
   return (np.asarray(key, np.float32)[pick, last],
@@ -730,16 +737,7 @@ def _capture_last(model, params, layer, rows):
 def _capture_rows(model, params, layer, rows):
   """`mlp/key` and `mlp/value` at every position but the first of `rows`
   (position 0 carries the attention sink's outsized activations), flat."""
-  length = min(lm.bucket(max(map(len, rows))),
-               model.config.max_position_embeddings)
-  tokens = np.zeros((len(rows), length), np.int32)
-  mask = np.zeros((len(rows), length), np.int32)
-  for r, ids in enumerate(rows):
-    ids = ids[:length]
-    tokens[r, :len(ids)] = ids
-    mask[r, :len(ids)] = 1
-  _, key, value = _layer_inputs(model.config, params, jnp.asarray(tokens),
-                                jnp.asarray(mask), layer=layer)
+  mask, key, value = _padded_layer_inputs(model, params, layer, rows)
   keep = mask.astype(bool)
   keep[:, 0] = False
   return (np.asarray(key, np.float32)[keep],
@@ -931,9 +929,7 @@ def wise(hparams: WiseHParams = WiseHParams()):
   """The WISE editor (module docstring)."""
 
   def check_model(model):
-    base.check_layers([hparams.layer], model.config.num_layers, "layer")
-    if not model.config.is_decoder:
-      raise errors.ConfigError("WISE edits decoder language models.")
+    base.check_decoder_layer(model, hparams.layer, "WISE")
 
   def init(model, params=None):
     """Generates the context prefixes and captures the out-of-scope tokens'
