@@ -470,6 +470,26 @@ def describe_changes(old_params, updates: Mapping[tuple, Any],
   return changed
 
 
+def encode_request(model, request, method: str) -> tuple[list, list]:
+  """The request's prompt and target ids, checked before any work: a
+  tokenizer, neither empty, and together within the model's context."""
+  tok = model.tokenizer
+  if tok is None:
+    raise errors.TokenizerError(f"{method} needs a tokenizer; {model!r} has none.")
+  prompt = tok.encode(request.text)
+  target = tok.encode(request.target_new)
+  if not prompt or not target:
+    raise errors.InputError(
+        f"request {request.case_id!r}: empty prompt or target after "
+        "tokenization.")
+  limit = model.config.max_position_embeddings
+  if len(prompt) + len(target) > limit:
+    raise errors.InputError(
+        f"request {request.case_id!r}: prompt + target is "
+        f"{len(prompt) + len(target)} tokens; the model takes {limit}.")
+  return prompt, target
+
+
 def edit_layout(model, prompt, target) -> dict:
   """One request right-padded to a length bucket, as NumPy arrays: `tokens`
   and `mask` (1, length) of prompt + target, and per target token (width a

@@ -273,21 +273,7 @@ def _replace_mask(replacement: str, last: int, length: int) -> np.ndarray:
 
 
 def _encode(model, request):
-  tok = model.tokenizer
-  if tok is None:
-    raise errors.TokenizerError(f"GRACE needs a tokenizer; {model!r} has none.")
-  prompt = tok.encode(request.text)
-  target = tok.encode(request.target_new)
-  if not prompt or not target:
-    raise errors.InputError(
-        f"request {request.case_id!r}: empty prompt or target after "
-        "tokenization.")
-  limit = model.config.max_position_embeddings
-  if len(prompt) + len(target) > limit:
-    raise errors.InputError(
-        f"request {request.case_id!r}: prompt + target is "
-        f"{len(prompt) + len(target)} tokens; the model takes {limit}.")
-  return prompt, target
+  return base.encode_request(model, request, "GRACE")
 
 
 def _edit_inputs(model, params, layer, prompt, target):

@@ -417,22 +417,7 @@ def task_memory(model, params, layer: int, dataset: str, num_records: int,
 # -- one edit's inputs and the neuron training ---------------------------------
 
 def _encode(model, request):
-  tok = model.tokenizer
-  if tok is None:
-    raise errors.TokenizerError(
-        f"T-Patcher needs a tokenizer; {model!r} has none.")
-  prompt = tok.encode(request.text)
-  target = tok.encode(request.target_new)
-  if not prompt or not target:
-    raise errors.InputError(
-        f"request {request.case_id!r}: empty prompt or target after "
-        "tokenization.")
-  limit = model.config.max_position_embeddings
-  if len(prompt) + len(target) > limit:
-    raise errors.InputError(
-        f"request {request.case_id!r}: prompt + target is "
-        f"{len(prompt) + len(target)} tokens; the model takes {limit}.")
-  return prompt, target
+  return base.encode_request(model, request, "T-Patcher")
 
 
 @functools.partial(jax.jit, static_argnames=("config", "layer"))
