@@ -304,7 +304,8 @@ def test_four_protocols_with_a_finetuning_editor(model):
   seq = out["sequential", 1]
   assert [s["edits"] for s in seq["steps"]] == [1, 2, 3, 4]
   assert all({"sr_at_edit", "rr", "dd", "sr"} <= set(s) for s in seq["steps"])
-  assert seq["steps"][0]["rr"] == 100.0
+  assert seq["steps"][0]["rr"] is None  # no earlier edit at step 1
+  assert all(s["rr"] is not None for s in seq["steps"][1:])
   assert [s["edits"] for s in out["sequential", 2]["steps"]] == [2, 4]
   assert [r["step"] for r in seq["cases"]] == [1, 2, 3, 4]
   # The unedited baseline: same metric keys, no edits, DD 0 by definition.
@@ -316,16 +317,19 @@ def test_four_protocols_with_a_finetuning_editor(model):
 
 def test_retain_rate_falls_when_later_edits_undo_earlier_ones(model):
   # Two cases on the same prompt with different targets: the second edit
-  # overwrites the first, so RR after step 2 is 50% and SR(all so far) 50%.
+  # overwrites the first. RR counts earlier edits only: none at step 1, and
+  # at step 2 the one earlier edit no longer holds (0%, not the 50% of a
+  # rate that also counted the edit just made); SR(all so far) is 50%.
   req = {"prompt": "The mother tongue of {} is", "subject": "Ann"}
   cases = [C.EditCase(i, (base.make_request(dict(req, target_new=t)),))
            for i, t in enumerate(["Dutch", "Greek"])]
   r = protocols.run(model, finetune_editor(), cases,
                     protocols.Protocol("sequential", fluency=False),
                     progress=False)
-  assert [s["rr"] for s in r["steps"]] == [100.0, 50.0]
+  assert [s["rr"] for s in r["steps"]] == [None, 0.0]
+  assert [s["sr"] for s in r["steps"]] == [100.0, 50.0]
   assert [s["sr_at_edit_so_far"] for s in r["steps"]] == [100.0, 100.0]
-  assert r["metrics"]["rr"] == 50.0 and r["metrics"]["sr_at_edit"] == 100.0
+  assert r["metrics"]["rr"] == 0.0 and r["metrics"]["sr_at_edit"] == 100.0
 
 
 @pytest.mark.parametrize("method", ["rome", "memit"])

@@ -251,14 +251,19 @@ def run(model, editor, cases: Sequence[EditCase], protocol: Protocol,
                                       protocol.scoring_batch)
         clock.add("retain", t)
         record["sr"] = 100.0 * float(held.mean())
-        record["rr"] = 100.0 * M.retain_rate(held_at_edit, held)
+        # RR counts *earlier* edits only (docs/metrics.md): this step's own
+        # edits were just measured, so including them would pull RR to 100.
+        earlier = len(done) - len(group)
+        record["rr"] = (100.0 * M.retain_rate(held_at_edit[:earlier],
+                                              held[:earlier])
+                        if earlier else None)
         if heldout:
           record.update(heldout_dd(params))
       steps.append(record)
       if on_step is not None:
         on_step(record)
       bar.set_postfix({k: round(record[k], 1) for k in ("sr_at_edit", "rr", "dd")
-                       if k in record})
+                       if record.get(k) is not None})
     if protocol.mode == "sequential":
       step_of = {}
       for g, group in enumerate(groups):
