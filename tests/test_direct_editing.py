@@ -322,3 +322,38 @@ def test_row_stream_equals_recomputing_from_the_embeddings(model):
   # The lower-layer edit changed what the stream sees above it.
   assert not np.allclose(got["layer/3/resid"], compute.capture_at_subject(
       model, model.params, rows, ["layer/3/resid"])["layer/3/resid"])
+
+
+def test_memit_keys_average_per_context_type_like_the_reference(model):
+  """MEMIT's reference averages a request's keys within each context type
+  and then across types (the bare prompt weighs ½ with one generated group),
+  not over all templates at once (1/6). Fails on the flat mean."""
+  from keditjax.editors import memit  # pylint: disable=import-outside-toplevel
+  templates = ("{}", "A short prefix. {}", "Another one here. {}",
+               "And a third. {}")
+  hp = editors.hparams_class("memit")(layers=(1, 2), v_steps=2,
+                                      context_lengths=((10, 3),), **LOOSE)
+  np.testing.assert_allclose(
+      memit.template_weights(4, hp.context_lengths), [1 / 2] + [1 / 6] * 3)
+  np.testing.assert_allclose(
+      memit.template_weights(4, ((5, 1), (10, 2)), "per_type"),
+      [1 / 3, 1 / 3, 1 / 6, 1 / 6])
+  np.testing.assert_allclose(memit.template_weights(4, (), "flat"), [0.25] * 4)
+  state = memit.init_state(model, model.params, hp, {1: _spd(128, 1),
+                                                     2: _spd(128, 2)},
+                           templates)
+  rs = base.make_requests(REQUESTS[:2])
+  zero = lambda layer, keys, residuals, w: jnp.zeros_like(w)
+  factor = lambda layer, keys: jnp.zeros((keys.shape[1], keys.shape[0]))
+  _, _, keys = memit.spread_update(model, model.params, rs, state, hp, zero,
+                                   factor, "memit")
+  per = np.stack([compute.capture_at_subject(
+      model, model.params,
+      [compute.tokenize_around_subject(model.tokenizer, compute.fill(t, r),
+                                       r.subject) for t in templates],
+      ["layer/1/mlp/key"])["layer/1/mlp/key"] for r in rs])  # [N, T, F]
+  want = 0.5 * per[:, 0] + 0.5 * per[:, 1:].mean(1)
+  np.testing.assert_allclose(np.asarray(keys[1]), want, rtol=1e-4, atol=1e-5)
+  assert not np.allclose(want, per.mean(1), atol=1e-4)  # the old flat mean
+  with pytest.raises(errors.ConfigError, match="key_weighting"):
+    editors.get("memit", key_weighting="mean")

@@ -56,7 +56,9 @@ def test_rome(pins, model):
 
 
 def test_memit(pins, model):
-  memit = editors.get("memit", layers=(1, 2), v_steps=20, **LOOSE)
+  # The pins predate the per-type key weighting (MemitHParams.key_weighting).
+  memit = editors.get("memit", layers=(1, 2), v_steps=20, key_weighting="flat",
+                      **LOOSE)
   state = memit.init(model, covariance={1: spd(128, 11), 2: spd(128, 12)},
                      templates=TEMPLATES)
   p, _, _ = memit.apply(model, model.params, REQUESTS, state)
@@ -69,7 +71,7 @@ def test_alphaedit_two_applies(pins, model):
   eig = np.concatenate([rng.uniform(1, 2, 96), np.full(32, 1e-7)])
   acov = ((basis * eig) @ basis.T).astype(np.float32)
   alpha = editors.get("alphaedit", layers=(1, 2), l2=1e-2, v_steps=20,
-                      **LOOSE)
+                      key_weighting="flat", **LOOSE)
   state = alpha.init(model, covariance={1: acov, 2: acov},
                      templates=TEMPLATES)
   p, state, _ = alpha.apply(model, model.params, REQUESTS[:2], state)

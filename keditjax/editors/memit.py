@@ -6,7 +6,8 @@ Thousands of facts at once, spread over a range of MLP layers:
      last token after the last layer L of the range (δ optimised as ROME's
      v*, MEMIT eq. 16), all requests batched in one jitted loop;
   2. for each layer l of the range, bottom to top: the keys K at l (averaged
-     over context templates) and the residuals still missing at L, divided by
+     within each context type, then across types, as the reference does:
+     `key_weighting`) and the residuals still missing at L, divided by
      the number of layers left; then ΔW_l = (λC_l + KᵀK)⁻¹ Kᵀ R (eq. 14), and
      the next layer sees the edited model.
 
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from keditjax import errors
 from keditjax.editors import base, compute
 from keditjax.editors.rome import load_covariance
 from keditjax.kernels import linalg
@@ -48,6 +50,12 @@ class MemitHParams:
     lambda_per_unit: λ per MLP unit when `mom2_update_weight` is None.
     mom2_tokens, mom2_corpus, mom2_dtype: the key covariance C (see ROME).
     seed: seed of the context templates.
+    key_weighting: how a request's key averages its contexts. "per_type"
+      (the MEMIT reference): the mean within each context type (the bare
+      prompt; each `context_lengths` group), then the mean over types, so
+      the bare prompt weighs 1/(1 + len(context_lengths)), ½ by default.
+      "flat": one mean over every template (the bare prompt 1/6 by
+      default; what keditjax did before 2026-12-04, kept for comparison).
   """
   layers: tuple = (3, 4, 5, 6, 7)
   context_lengths: tuple = ((10, 5),)
@@ -67,6 +75,12 @@ class MemitHParams:
   mom2_corpus: str | None = None
   mom2_dtype: str = "float32"
   seed: int = 0
+  key_weighting: str = "per_type"
+
+  def __post_init__(self):
+    if self.key_weighting not in ("per_type", "flat"):
+      raise errors.ConfigError(
+          f"key_weighting={self.key_weighting!r}: use 'per_type' or 'flat'.")
 
   def value_hparams(self) -> compute.ValueHParams:
     return compute.value_hparams(self)
@@ -115,6 +129,23 @@ def init_state(model, params, hparams, covariance, templates) -> MemitState:
                     {str(l): c for l, c in cov.items()})
 
 
+def template_weights(n_templates: int, context_lengths, key_weighting:
+                     str = "per_type") -> np.ndarray:
+  """Each template's weight in a request's key (MemitHParams.key_weighting).
+
+  Templates are the bare prompt first, then the `context_lengths` groups in
+  order (`compute.context_templates`). Templates given by hand that do not
+  add up to those groups count as two types: the first (bare) and the rest.
+  """
+  if key_weighting == "flat" or n_templates == 1:
+    return np.full((n_templates,), 1.0 / n_templates)
+  groups = [1] + [int(count) for _, count in context_lengths]
+  if sum(groups) != n_templates:
+    groups = [1, n_templates - 1]
+  return np.concatenate([np.full((c,), 1.0 / (len(groups) * c))
+                         for c in groups])
+
+
 def spread_update(model, params, requests, state, hparams, solve, factor,
                   method: str):
   """MEMIT's layer-by-layer spreading with a pluggable per-layer solve.
@@ -140,6 +171,8 @@ def spread_update(model, params, requests, state, hparams, solve, factor,
   updates, keys_by_layer = {}, {}
   touched = [[] for _ in requests]
   n_templates = len(state.templates)
+  weights_T = template_weights(n_templates, hparams.context_lengths,
+                               hparams.key_weighting)
   rows = [compute.tokenize_around_subject(model.tokenizer, compute.fill(t, r),
                                           r.subject)
           for r in requests for t in state.templates]
@@ -153,7 +186,12 @@ def spread_update(model, params, requests, state, hparams, solve, factor,
       for stream in (keys_stream, z_stream):
         stream.advance(new_params, layer)
       keys_NxF = keys_stream.peek(new_params, layer + 1, [key_site])[key_site]
-      keys_NxF = keys_NxF.reshape(len(requests), n_templates, -1).mean(1)
+      keys_NxTxF = keys_NxF.reshape(len(requests), n_templates, -1)
+      if hparams.key_weighting == "flat":
+        keys_NxF = keys_NxTxF.mean(1)  # bit for bit the earlier behaviour
+      else:
+        keys_NxF = jnp.einsum("ntf,t->nf", keys_NxTxF,
+                              jnp.asarray(weights_T, keys_NxF.dtype))
       cur_z = z_stream.peek(new_params, last + 1, [z_site])[z_site]
       if i == 0:
         # z = the unedited z plus δ, both in float32 (the δ loop may have
