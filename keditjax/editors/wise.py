@@ -92,7 +92,7 @@ closed since the last merge into one more retrievable shard; `retrieve=False`
 The default is one shard per edit (`save_freq=1`, `merge_freq=1000`: no
 merge within the first 1000 edits), each with its own threshold. Measured
 on 20 CounterFact training-split edits (experiments.wise_sweep,
-docs/results/wise_sweep.json), one shard for every edit routes badly:
+docs/results/wise_sweep.json), one shard shared by all the edits routes badly:
 its threshold is act_ratio × the smallest in-scope distance of any of its
 edits (those vary 42-77 here, so one weakly separated edit lowers it for
 all), and later edits raise the distances of earlier edits' neighbours.
