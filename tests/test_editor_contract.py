@@ -75,6 +75,9 @@ def build(name, model):
             "std": np.ones((2, width), np.float32)}
     ed = editors.get("mend", layers=(2, 3), rank=4)
     return ed, ed.init(model, trained=(net, norm))
+  if name == "ultraedit":
+    ed = editors.get("ultraedit", layers=(2, 3))
+    return ed, ed.init(model)
   if name == "tpatcher":
     ed = editors.get("tpatcher", layer=3, memory_size=64, memory_task="",
                      steps=5, capacity=2)
@@ -86,7 +89,7 @@ def build(name, model):
 
 
 BUILDABLE = ("rome", "memit", "alphaedit", "ft", "ftl", "ftkl", "ewc", "kn",
-             "mend", "tpatcher", "serac")
+             "mend", "ultraedit", "tpatcher", "serac")
 
 
 def _walk(node, where):

@@ -57,6 +57,8 @@ METHODS = {spec.name: spec for spec in (
                ("covariance", "templates")),
     MethodSpec("alphaedit", _ED + "alphaedit", "alphaedit",
                "AlphaEditHParams", "direct", ("covariance", "templates")),
+    MethodSpec("ultraedit", _ED + "ultraedit", "ultraedit",
+               "UltraEditHParams", "direct"),
     MethodSpec("kn", _ED + "knowledge_neurons", "knowledge_neurons",
                "KnowledgeNeuronsHParams", "direct", (), batches=False),
     MethodSpec("ft", _ED + "finetune", "ft", "FTHParams", "regularization"),

@@ -28,6 +28,7 @@ import hashlib
 import importlib
 import json
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -251,4 +252,55 @@ def load_state(directory: str, editor, model):
   return _build(meta["skeleton"], arrays)
 
 
-__all__ = ["load_state", "model_fingerprint", "read_meta", "save_state"]
+def save_tree(directory: str, tree, meta: dict) -> None:
+  """Writes any pytree of arrays, dicts, tuples and keditjax dataclasses
+  (an editor state, a params delta) with JSON `meta` under `directory`;
+  `load_tree` reads it back in any process."""
+  from keditjax.training import checkpoint  # pylint: disable=import-outside-toplevel
+  leaves = []
+  skeleton = _skeleton(tree, leaves)
+  os.makedirs(directory, exist_ok=True)
+  if leaves:
+    ckpt = checkpoint.Checkpointer(os.path.join(directory, _ARRAYS), every=1,
+                                   keep=1)
+    try:
+      ckpt.save(0, {str(i): x for i, x in enumerate(leaves)}, {}, force=True)
+    finally:
+      ckpt.close()
+  path = os.path.join(directory, "tree.json")
+  if jax.process_index() == 0:
+    with open(path + ".tmp", "w") as f:
+      json.dump({"meta": meta, "skeleton": skeleton}, f, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def load_tree(directory: str) -> tuple[Any, dict]:
+  """`(tree, meta)` that `save_tree` wrote.
+
+  Raises:
+    CheckpointError: nothing readable there.
+  """
+  from keditjax.training import checkpoint  # pylint: disable=import-outside-toplevel
+  try:
+    with open(os.path.join(directory, "tree.json")) as f:
+      saved = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise errors.CheckpointError(
+        f"no readable saved tree in {directory} ({e}).") from e
+  like = _arrays_like(saved["skeleton"], {})
+  arrays = {}
+  if like:
+    ckpt = checkpoint.Checkpointer(os.path.join(directory, _ARRAYS), every=1,
+                                   keep=1)
+    try:
+      step = ckpt.latest_step()
+      if step is None:
+        raise errors.CheckpointError(f"{directory}/{_ARRAYS} holds no arrays.")
+      arrays, _ = ckpt.restore(step, like, expect={})
+    finally:
+      ckpt.close()
+  return _build(saved["skeleton"], arrays), saved["meta"]
+
+
+__all__ = ["load_state", "load_tree", "model_fingerprint", "read_meta",
+           "save_state", "save_tree"]
