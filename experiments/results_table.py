@@ -45,7 +45,9 @@ def command(results: dict) -> str:
       parts.append(f"--batch_size={p['batch_size']}")
     if p.get("dd_every") not in (None, 10):
       parts.append(f"--dd_every={p['dd_every']}")
-  if c.get("heldout", "auto") != "auto":
+  # known_1000 is the default; runs made before that record "auto" (the
+  # oldest record nothing, and their commands cannot say).
+  if c.get("heldout", "known_1000") != "known_1000":
     parts.append(f"--heldout={c['heldout']}")
   if c.get("heldout_size", 100) != 100:
     parts.append(f"--heldout_size={c['heldout_size']}")

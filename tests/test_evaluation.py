@@ -421,7 +421,10 @@ def test_results_table_rows_name_the_reproducing_command():
   assert results_table.command(results) == (
       "python -m experiments.evaluate --method=mend --dataset=zsre "
       "--num_edits=30 --config.mend.checkpoint=runs/m --mode=single "
-      "--dd_every=1 --heldout=known_1000 --heldout_size=1000")
+      "--dd_every=1 --heldout_size=1000")  # known_1000: the default
+  results["command"]["heldout"] = "auto"  # the default before
+  assert "--dd_every=1 --heldout=auto --heldout_size=1000" in (
+      results_table.command(results))
 
 
 def test_sequential_checkpoints_are_linear_by_default(model):

@@ -149,6 +149,11 @@ def _check_command(cell, results, where):
     assert method == results["method"], where
   assert flags.get("dataset", "counterfact") == command["dataset"], where
   assert int(flags["num_edits"]) == command["num_edits"] == results["n"], where
+  # --heldout's default is known_1000 (it was auto; the oldest JSONs do not
+  # record it).
+  if "heldout" in command:
+    assert flags.get("heldout", "known_1000") == command["heldout"], (
+        f"{where}: the command's --heldout is not the JSON's")
   if protocol["mode"] != "unedited":
     assert flags.get("mode", "single") == protocol["mode"], where
     assert int(flags.get("batch_size", 1)) == protocol["batch_size"], where

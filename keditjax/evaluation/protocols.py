@@ -279,6 +279,8 @@ def run(model, editor, cases: Sequence[EditCase], protocol: Protocol,
       [{k: v for k, v in r.items() if isinstance(v, float)} for r in rows])
   if dds:
     summary["dd"] = float(np.mean([d["dd"] for d in dds]))
+    # DD cannot exceed the held-out accuracy before editing: its ceiling.
+    summary["dd_ceiling"] = before["accuracy"]
     summary["dd_token_acc"] = float(np.mean([d["dd_token_acc"] for d in dds]))
   if steps:
     summary["rr"] = steps[-1]["rr"]

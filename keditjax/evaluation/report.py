@@ -20,7 +20,8 @@ COLUMNS = (
     ("rephrase_acc", "Rephrase acc"), ("locality_acc", "Locality acc"),
     ("portability_acc", "Portability acc"), ("zsre_efficacy", "zsRE eff."),
     ("zsre_paraphrase", "zsRE para."), ("zsre_specificity", "zsRE spec."),
-    ("sr", "SR"), ("gr", "GR"), ("dd", "DD"), ("rr", "RR"),
+    ("sr", "SR"), ("gr", "GR"), ("dd", "DD"),
+    ("dd_ceiling", "DD ceiling"), ("rr", "RR"),
 )
 
 
