@@ -25,6 +25,7 @@ flags.DEFINE_integer("batch_size", 10, "Edits per turn.")
 flags.DEFINE_list("lrs", ["1e-4", "3e-4"], "Steps to try.")
 flags.DEFINE_list("layer_sets", ["23-27", "25-29", "18-22"], "Layer ranges a-b.")
 flags.DEFINE_list("tokens", ["all"], "Token sets to try.")
+flags.DEFINE_list("ridges", ["1"], "Ridge strengths to try.")
 flags.DEFINE_string("output", None, "JSON to write.")
 flags.mark_flag_as_required("output")
 FLAGS = flags.FLAGS
@@ -42,14 +43,15 @@ def main(argv):
   rows = []
   base = protocols.run(model, None, cases, protocol, progress=False)
   rows.append({"setting": "unedited", **base["metrics"]})
-  for lr, span, tokens in itertools.product(FLAGS.lrs, FLAGS.layer_sets,
-                                            FLAGS.tokens):
+  for lr, span, tokens, ridge in itertools.product(
+      FLAGS.lrs, FLAGS.layer_sets, FLAGS.tokens, FLAGS.ridges):
     a, b = map(int, span.split("-"))
     editor = editors.get("ultraedit", layers=tuple(range(a, b + 1)),
-                         lr=float(lr), tokens=tokens)
+                         lr=float(lr), tokens=tokens, ridge=float(ridge))
     out = protocols.run(model, editor, cases, protocol, progress=False)
-    row = {"setting": f"lr={lr} layers={span} tokens={tokens}",
+    row = {"setting": f"lr={lr} layers={span} tokens={tokens} ridge={ridge}",
            "lr": float(lr), "layers": [a, b], "tokens": tokens,
+           "ridge": float(ridge),
            **out["metrics"],
            "edit_seconds": out["timing"]["edit_seconds"]}
     print({k: (round(v, 1) if isinstance(v, float) else v)
@@ -60,7 +62,7 @@ def main(argv):
   with open(FLAGS.output, "w") as f:
     json.dump({"command": {k: FLAGS[k].value for k in (
         "model", "start", "num_edits", "batch_size", "lrs", "layer_sets",
-        "tokens")}, "rows": rows}, f, indent=1)
+        "tokens", "ridges")}, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ class UltraEditHParams:
     eps: added to `σ` when normalising.
   """
   layers: tuple | None = (23, 24, 25, 26, 27)
-  lr: float = 1e-3
+  lr: float = 1e-4
   ridge: float = 1.0
   tokens: str = "all"
   eps: float = 1e-6
