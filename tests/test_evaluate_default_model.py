@@ -69,6 +69,10 @@ def test_evaluate_command_sequential_rome(tmp_path):
   assert m["sr_at_edit"] >= 2 / 3 * 100  # ROME edits the facts
   assert [s["edits"] for s in results["steps"]] == [1, 2, 3]
   assert all("rr" in s and "dd" in s for s in results["steps"])
+  # DD on known_1000 by default, with its ceiling (the accuracy before).
+  assert results["command"]["heldout"] == "known_1000"
+  assert m["dd_ceiling"] == results["heldout"]["accuracy_before"] > 0
+  assert m["dd"] <= m["dd_ceiling"]
   assert "| step |" in (out / "summary.md").read_text()
   assert (out / "metrics.png").read_bytes()[:4] == b"\x89PNG"
   # Bad input is refused before the model loads.
@@ -114,3 +118,25 @@ def test_evaluate_command_on_bundled_qaedit(tmp_path):
   m = results["metrics"]
   assert 0 <= m["zsre_efficacy"] < 100 and m["locality_acc"] == 100.0
   assert "dd" not in m or m["dd"] in (0.0, None)
+
+
+def test_lifelong_command_resumes_and_refuses_other_settings(tmp_path):
+  work = tmp_path / "life"
+  cmd = [sys.executable, "-m", "experiments.lifelong", "--method=ultraedit",
+         "--num_edits=4", "--batch_size=2", "--checkpoint_every=2",
+         "--known_size=4", "--ppl_tokens=512", f"--workdir={work}"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                        timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((work / "results.json").read_text())
+  assert [p["edits"] for p in results["checkpoints"]] == [2, 4]
+  last = results["checkpoints"][-1]
+  for key in ("efficacy_score", "paraphrase_score", "neighborhood_score",
+              "rr", "known_accuracy", "dd", "dd_ceiling", "perplexity"):
+    assert key in last, key
+  assert last["perplexity"] > 1 and not last["nan"]
+  assert results["timing"]["edit_seconds_total"] > 0
+  assert (work / "curves.png").read_bytes()[:4] == b"\x89PNG"
+  bad = subprocess.run(cmd + ["--config.ultraedit.lr=0.5"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+  assert bad.returncode != 0 and "hparams" in bad.stderr
