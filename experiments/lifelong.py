@@ -99,20 +99,26 @@ def main(argv):
   settings = {"model_name": FLAGS.model, "dataset": FLAGS.dataset,
               "data_path": FLAGS.data_path, "start": FLAGS.start,
               "known_size": FLAGS.known_size, "ppl_tokens": FLAGS.ppl_tokens}
+  path = os.path.join(FLAGS.workdir, "results.json")
+
+  def write(out):  # after every checkpoint: a long run can be followed
+    out = dict(out, hparams=dataclasses.asdict(editor.hparams),
+               command=dict(settings, method=FLAGS.method,
+                            num_edits=FLAGS.num_edits,
+                            batch_size=FLAGS.batch_size,
+                            checkpoint_every=FLAGS.checkpoint_every,
+                            sample=FLAGS.sample))
+    with open(path + ".tmp", "w") as f:
+      json.dump(report._plain(out), f, indent=1)  # pylint: disable=protected-access
+    os.replace(path + ".tmp", path)
+    plot(out, os.path.join(FLAGS.workdir, "curves.png"))
+    return out
+
   out = lifelong.run(model, editor, cases, plan, known=known,
                      ppl_rows=ppl_rows, workdir=FLAGS.workdir,
-                     settings=settings)
+                     settings=settings, on_results=write)
   del out["params"], out["state"]
-  out["hparams"] = dataclasses.asdict(editor.hparams)
-  out["command"] = dict(settings, method=FLAGS.method,
-                        num_edits=FLAGS.num_edits, batch_size=FLAGS.batch_size,
-                        checkpoint_every=FLAGS.checkpoint_every,
-                        sample=FLAGS.sample)
-  os.makedirs(FLAGS.workdir, exist_ok=True)
-  path = os.path.join(FLAGS.workdir, "results.json")
-  with open(path, "w") as f:
-    json.dump(report._plain(out), f, indent=1)  # pylint: disable=protected-access
-  plot(out, os.path.join(FLAGS.workdir, "curves.png"))
+  out = write(out)
   keys = ("edits", "efficacy_score", "paraphrase_score", "neighborhood_score",
           "rewrite_acc", "rephrase_acc", "locality_acc", "rr",
           "known_accuracy", "perplexity", "edit_seconds_total")

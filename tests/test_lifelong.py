@@ -123,9 +123,16 @@ def test_resuming_with_other_settings_is_refused_by_name(model, tmp_path):
 def test_sampled_checkpoints_score_a_fixed_subset(model):
   plan = lifelong.Plan(batch_size=2, checkpoint_every=2, sample=3,
                        families=("counterfact",))
-  out = lifelong.run(model, _editor(), _cases(), plan, progress=False)
+  partial = []
+  out = lifelong.run(model, _editor(), _cases(), plan, progress=False,
+                     on_results=partial.append)
   # 2 edits: all; 4: a sample of 3; the last checkpoint: every edit.
   assert [p["scored"] for p in out["checkpoints"]] == [2, 3, 6]
+  # Results so far after every checkpoint, complete at the last.
+  assert [(r["edits_done"], r["complete"]) for r in partial] == [
+      (2, False), (4, False), (6, True)]
+  assert out["timing"]["edit_seconds_per_edit"] == pytest.approx(
+      out["timing"]["edit_seconds_total"] / 6)
 
 
 def test_plan_validation():

@@ -343,6 +343,24 @@ def check_family(header, rows, data, where):
     shown(cells[5], cost["peak_rss_mib"], at + " rss")
 
 
+def check_generated(header, rows, data, where):
+  """Issue-18 tables (lifelong curves, WILD beside teacher-forced, MQuAKE,
+  UltraEdit sweeps): every row equals `experiments.lifelong_tables`'s
+  rendering of the captioned JSON (bold aside)."""
+  from experiments import lifelong_tables as lt  # pylint: disable=import-outside-toplevel
+  make = {tuple(lt.LIFELONG): lt.lifelong_table, tuple(lt.WILD): lt.wild_table,
+          tuple(lt.MQUAKE): lt.mquake_table,
+          tuple(lt.SWEEP): lt.sweep_table}[tuple(header)]
+  want = [_cells(line) for line in make(data)[2:]]
+  got = [[_clean(c) for c in cells] for cells, _ in rows]
+  assert got == [[_clean(c) for c in w] for w in want], where
+
+
+def _generated_headers():
+  from experiments import lifelong_tables as lt  # pylint: disable=import-outside-toplevel
+  return (lt.LIFELONG, lt.WILD, lt.MQUAKE, lt.SWEEP)
+
+
 # Tables with no JSON behind them (plans, not measurements).
 NOT_MEASURED = (["row", "estimated time on this CPU"],)
 
@@ -384,6 +402,8 @@ def test_every_results_table_matches_its_json():
       check_enn(header, rows, data, where)
     elif header in (FAMILY_QUALITY, FAMILY_COST):
       check_family(header, rows, data, where)
+    elif header in _generated_headers():
+      check_generated(header, rows, data, where)
     else:
       pytest.fail(f"{where}: a table this test does not check; add a checker")
     checked += len(rows)

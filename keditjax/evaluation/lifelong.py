@@ -215,7 +215,8 @@ def run(model, editor, cases: Sequence[EditCase], plan: Plan, *,
         known: Sequence[Fact] | None = None, ppl_rows=None,
         workdir: str | None = None, settings: dict | None = None,
         state=None, progress: bool = True,
-        on_checkpoint: Callable[[dict], None] | None = None) -> dict:
+        on_checkpoint: Callable[[dict], None] | None = None,
+        on_results: Callable[[dict], None] | None = None) -> dict:
   """Edits `cases` in successive turns and measures at checkpoints.
 
   Args:
@@ -232,6 +233,9 @@ def run(model, editor, cases: Sequence[EditCase], plan: Plan, *,
     state: the editor state to start from (default: `editor.init(model)`).
     progress: show a tqdm bar.
     on_checkpoint: called with each checkpoint record after it is saved.
+    on_results: called after each checkpoint with the results so far (as
+      returned, without params and state, `"complete": False` until the
+      last), e.g. to write them where a reader can follow a long run.
 
   Returns:
     {"plan", "method", "n", "baseline", "checkpoints", "steps", "final",
@@ -363,19 +367,29 @@ def run(model, editor, cases: Sequence[EditCase], plan: Plan, *,
                      if isinstance(point.get(k), float)})
     if on_checkpoint is not None:
       on_checkpoint(point)
+    if on_results is not None:
+      on_results(_results(plan, editor, cases, record, resumed_from, last))
 
+  return dict(_results(plan, editor, cases, record, resumed_from, True),
+              params=params, state=state)
+
+
+def _results(plan, editor, cases, record, resumed_from, complete) -> dict:
+  edits = record["checkpoints"][-1]["edits"] if record["checkpoints"] else 0
   edit_total = float(sum(s["edit_seconds"] for s in record["steps"]))
   return {"plan": dataclasses.asdict(plan), "method": editor.name,
-          "n": len(cases), "settings": record["settings"],
-          "baseline": baseline, "checkpoints": record["checkpoints"],
-          "steps": record["steps"], "final": record["checkpoints"][-1],
+          "n": len(cases), "complete": complete, "edits_done": edits,
+          "settings": record["settings"], "baseline": record["baseline"],
+          "checkpoints": record["checkpoints"], "steps": record["steps"],
+          "final": record["checkpoints"][-1] if record["checkpoints"] else None,
           "resumed_from": resumed_from,
           "timing": {"edit_seconds_total": edit_total,
-                     "edit_seconds_per_edit": edit_total / len(cases),
+                     "edit_seconds_per_edit": edit_total / max(
+                         1, record["steps"][-1]["edits"] if record["steps"]
+                         else 0),
                      "eval_seconds_total": float(sum(
                          c["eval_seconds"] for c in record["checkpoints"])
-                                                 + baseline["seconds"])},
-          "params": params, "state": state}
+                                                 + record["baseline"]["seconds"])}}
 
 
 __all__ = ["Plan", "fingerprint", "heldout_text_rows", "params_delta",
