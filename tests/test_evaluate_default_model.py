@@ -140,3 +140,30 @@ def test_lifelong_command_resumes_and_refuses_other_settings(tmp_path):
   bad = subprocess.run(cmd + ["--config.ultraedit.lr=0.5"], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
   assert bad.returncode != 0 and "hparams" in bad.stderr
+
+
+def test_wild_and_mquake_commands(tmp_path):
+  out = tmp_path / "wild.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.wild", "--method=none",
+       "--num_edits=2", "--forms=question,chat", "--max_new_tokens=8",
+       f"--output={out}"], cwd=ROOT, capture_output=True, text=True,
+      timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads(out.read_text())
+  m = results["metrics"]
+  for key in ("rewrite_acc", "sr", "locality_acc", "question/reliability_exact",
+              "question/reliability_contains", "chat/generality_contains",
+              "chat/locality"):
+    assert key in m, key
+  # The unedited model keeps its own answers: locality 100 by definition.
+  assert m["question/locality"] == m["chat/locality"] == 100.0
+  assert "qa/reliability_exact" not in m
+  out = tmp_path / "mquake.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.mquake", "--methods=none",
+       "--num_cases=2", "--max_new_tokens=8", f"--output={out}"], cwd=ROOT,
+      capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  [row] = json.loads(out.read_text())["rows"]
+  assert row["n"] == 2 and {"old_tf", "new_wild_contains"} <= set(row)
