@@ -215,7 +215,6 @@ def load_state(directory: str, editor, model):
       other hyper-parameters or another model (checked before any array is
       read), or unreadable arrays.
   """
-  from keditjax.training import checkpoint  # pylint: disable=import-outside-toplevel
   meta = read_meta(directory)
   want = _meta(editor, model)
   if meta.get("method") != want["method"]:
@@ -234,7 +233,14 @@ def load_state(directory: str, editor, model):
     raise errors.CheckpointError(
         f"the {want['method']} state in {directory} was saved with other "
         f"hyper-parameters (differing fields: {diff}).")
-  like = _arrays_like(meta["skeleton"], {})
+  return _restore(directory, meta["skeleton"], {
+      "method": want["method"], "model_fingerprint": want["model_fingerprint"]})
+
+
+def _restore(directory: str, skeleton, expect: dict):
+  """The tree of `skeleton` with its arrays read from `directory/arrays`."""
+  from keditjax.training import checkpoint  # pylint: disable=import-outside-toplevel
+  like = _arrays_like(skeleton, {})
   arrays = {}
   if like:
     ckpt = checkpoint.Checkpointer(os.path.join(directory, _ARRAYS), every=1,
@@ -244,12 +250,10 @@ def load_state(directory: str, editor, model):
       if step is None:
         raise errors.CheckpointError(
             f"{directory}/{_ARRAYS} holds no saved arrays.")
-      arrays, _ = ckpt.restore(step, like, expect={
-          "method": want["method"],
-          "model_fingerprint": want["model_fingerprint"]})
+      arrays, _ = ckpt.restore(step, like, expect=expect)
     finally:
       ckpt.close()
-  return _build(meta["skeleton"], arrays)
+  return _build(skeleton, arrays)
 
 
 def save_tree(directory: str, tree, meta: dict) -> None:
@@ -280,26 +284,13 @@ def load_tree(directory: str) -> tuple[Any, dict]:
   Raises:
     CheckpointError: nothing readable there.
   """
-  from keditjax.training import checkpoint  # pylint: disable=import-outside-toplevel
   try:
     with open(os.path.join(directory, "tree.json")) as f:
       saved = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise errors.CheckpointError(
         f"no readable saved tree in {directory} ({e}).") from e
-  like = _arrays_like(saved["skeleton"], {})
-  arrays = {}
-  if like:
-    ckpt = checkpoint.Checkpointer(os.path.join(directory, _ARRAYS), every=1,
-                                   keep=1)
-    try:
-      step = ckpt.latest_step()
-      if step is None:
-        raise errors.CheckpointError(f"{directory}/{_ARRAYS} holds no arrays.")
-      arrays, _ = ckpt.restore(step, like, expect={})
-    finally:
-      ckpt.close()
-  return _build(saved["skeleton"], arrays), saved["meta"]
+  return _restore(directory, saved["skeleton"], {}), saved["meta"]
 
 
 __all__ = ["load_state", "load_tree", "model_fingerprint", "read_meta",
