@@ -29,6 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from keditjax import errors
+from keditjax import progress as progress_lib
 from keditjax.evaluation import wild
 from keditjax.evaluation.cases import EditCase
 
@@ -64,7 +65,9 @@ def answers(model, params, prompts: Sequence[str], max_new_tokens: int = 32,
   """Greedy generations (stopped at end-of-text), batch rows padded to a
   power of two so a few shapes compile."""
   out = []
-  for start in range(0, len(prompts), batch_size):
+  starts = range(0, len(prompts), batch_size)
+  for start in progress_lib.bar(starts, desc="generate", unit="batch",
+                                disable=len(starts) < 4):
     chunk = list(prompts[start:start + batch_size])
     rows = 1 << (len(chunk) - 1).bit_length()
     padded = chunk + [chunk[-1]] * (rows - len(chunk))
