@@ -14,6 +14,7 @@ forms, judged by normalised exact match and containment; locality = the
 unedited model's answer kept. `--method=none` measures the unedited model.
 """
 
+import dataclasses
 import json
 import time
 
@@ -65,6 +66,11 @@ def main(argv):
   common.setup()
   cases = cases_lib.load_cases(FLAGS.dataset, FLAGS.data_path,
                                limit=FLAGS.num_edits, start=FLAGS.start)
+  ids = [str(c.case_id) for c in cases]
+  unique_ids = len(set(ids)) == len(ids)
+  if not unique_ids:  # QAEdit repeats ids across its sources
+    cases = [dataclasses.replace(c, case_id=f"{c.case_id}@{i}")
+             for i, c in enumerate(cases)]
   for form in FLAGS.forms:
     if form not in wild_eval.CONTEXTS:
       raise app.UsageError(f"--forms: {form!r} is not one of "
@@ -103,12 +109,13 @@ def main(argv):
       "model", "method", "dataset", "data_path", "start", "num_edits", "mode",
       "batch_size", "forms", "max_new_tokens")},
          "method": FLAGS.method, "n": len(cases),
+         "case_ids": ("as in the file" if unique_ids else
+                      "id@position (the file repeats ids)"),
          "metrics": summarize(rows),
          "timing": {"edit_seconds": edit_seconds,
                     "total_seconds": time.perf_counter() - t0},
          "cases": rows}
   if editor is not None:
-    import dataclasses  # pylint: disable=import-outside-toplevel
     out["hparams"] = dataclasses.asdict(editor.hparams)
   with open(FLAGS.output, "w") as f:
     json.dump(out, f, indent=1, default=str)

@@ -98,3 +98,11 @@ def test_greedy_generation_on_a_tiny_model_is_deterministic():
                        return_ids=True)
   assert [model.tokenizer.decode(i) for i in ids] == a
   assert all(len(i) <= 4 for i in ids)
+
+
+def test_repeated_case_ids_are_refused_before_any_generation():
+  calls = []
+  case = _case()
+  with pytest.raises(errors.InputError, match="unique"):
+    wild_eval.reference(_fake_model({}, calls), None, [case, case])
+  assert not calls

@@ -56,7 +56,12 @@ def _check_families(families):
 
 def reference(model, params, cases: Sequence[EditCase],
               batch_size: int = 64) -> Reference:
-  """Top-1 tokens of the (unedited) `params` on the neighbourhood pairs."""
+  """Top-1 tokens of the (unedited) `params` on the neighbourhood pairs.
+
+  Raises:
+    InputError: two cases share an id (their references would collide).
+  """
+  check_unique_ids(cases)
   keys, prompts, targets = [], [], []
   for case in cases:
     for j, (p, a) in enumerate(case.neighborhood):
@@ -65,6 +70,21 @@ def reference(model, params, cases: Sequence[EditCase],
       targets.append(a)
   scored = scoring.teacher_forced(model, params, prompts, targets, batch_size)
   return Reference({k: s.argmax for k, s in zip(keys, scored)})
+
+
+def check_unique_ids(cases: Sequence[EditCase]) -> None:
+  """InputError naming the repeated case ids, if any."""
+  seen, repeated = set(), []
+  for case in cases:
+    key = str(case.case_id)
+    if key in seen:
+      repeated.append(case.case_id)
+    seen.add(key)
+  if repeated:
+    raise errors.InputError(
+        f"case ids must be unique; repeated: {repeated[:5]}"
+        f"{' ...' if len(repeated) > 5 else ''} (QAEdit repeats ids across "
+        "its sources: give the cases unique ids).")
 
 
 def _pairs(case: EditCase, families):

@@ -30,7 +30,7 @@ import numpy as np
 
 from keditjax import errors
 from keditjax import progress as progress_lib
-from keditjax.evaluation import wild
+from keditjax.evaluation import evaluator, wild
 from keditjax.evaluation.cases import EditCase
 
 CONTEXTS = ("question", "qa", "chat")
@@ -85,7 +85,8 @@ def _questions(case: EditCase):
 
 
 def _generate(model, params, cases, forms, kinds, max_new_tokens):
-  """`{(case_id, form, kind, j): generation}`."""
+  """`{(case_id, form, kind, j): generation}` (ids must be unique)."""
+  evaluator.check_unique_ids(cases)
   keys, prompts = [], []
   for case in cases:
     for kind, j, q in _questions(case):
