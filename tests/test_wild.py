@@ -66,3 +66,14 @@ def test_bad_input_is_a_keditjax_error():
     wild.cut(None)
   with pytest.raises(errors.InputError, match="string"):
     wild.normalize(b"bytes")
+
+
+def test_targets_that_normalise_to_nothing_use_the_light_rule():
+  # QAEdit answers ")", "*" and "the": SQuAD's rule empties them.
+  assert wild.exact(" the, I think", "the")
+  assert not wild.exact(" a cat", "the")
+  assert wild.contains(" it is ) here", ")")
+  assert not wild.contains(" it is here", ")")
+  assert wild.exact(" The Who.", ["the", "Who"])  # "who" under the usual rule
+  with pytest.raises(errors.InputError):
+    wild.exact(" x", "   ")

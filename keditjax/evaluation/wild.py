@@ -26,6 +26,8 @@ So:
                     normalized target.
   `contains`        a normalized target occurs in normalize(cut(generation))
                     as whole words ("capel" is not in "capelon").
+  A target that `normalize` empties (QAEdit has ")", "*" and "the") is
+  compared, on both sides, under `light` (case and spaces only) instead.
 Both are reported; `judge` adds a user's own verdict (e.g. an LLM judge)
 through a hook, beside them, never instead of them.
 """
@@ -88,26 +90,38 @@ def first_clause(text: str) -> str:
   return (text[:match.start()] if match else text).strip()
 
 
-def _targets(targets) -> list[str]:
+def light(text: str) -> str:
+  """NFKC, lower case, single spaces: punctuation and articles kept (for
+  targets that `normalize` empties, e.g. QAEdit's ")", "*" or "the")."""
+  text = unicodedata.normalize("NFKC", _check_text(text, "text")).lower()
+  return " ".join(text.split())
+
+
+def _targets(targets) -> list[tuple[str, Callable[[str], str]]]:
+  """`(normalised target, the normalisation to apply to the answer)`."""
   if isinstance(targets, str):
     targets = [targets]
-  targets = [normalize(t) for t in targets]
-  targets = [t for t in targets if t]
-  if not targets:
+  out = []
+  for t in targets:
+    if normalize(t):
+      out.append((normalize(t), normalize))
+    elif light(t):
+      out.append((light(t), light))
+  if not out:
     raise errors.InputError("a wild judgement needs a non-empty target.")
-  return targets
+  return out
 
 
 def exact(generation: str, targets: str | Iterable[str]) -> bool:
   """The first clause of the answer span equals a target (normalized)."""
-  answer = normalize(first_clause(cut(generation)))
-  return answer in _targets(targets)
+  clause = first_clause(cut(generation))
+  return any(norm(clause) == t for t, norm in _targets(targets))
 
 
 def contains(generation: str, targets: str | Iterable[str]) -> bool:
   """A target occurs as whole words in the answer span (normalized)."""
-  answer = f" {normalize(cut(generation))} "
-  return any(f" {t} " in answer for t in _targets(targets))
+  span = cut(generation)
+  return any(f" {t} " in f" {norm(span)} " for t, norm in _targets(targets))
 
 
 def judge(question: str, generation: str, targets: str | Iterable[str],
