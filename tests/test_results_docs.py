@@ -345,9 +345,9 @@ def check_family(header, rows, data, where):
 
 def check_generated(header, rows, data, where):
   """Issue-18 tables (lifelong curves, WILD beside teacher-forced, MQuAKE,
-  UltraEdit sweeps): every row equals `experiments.lifelong_tables`'s
+  UltraEdit sweeps): every row equals `experiments.lifelong_render`'s
   rendering of the captioned JSON (bold aside)."""
-  from experiments import lifelong_tables as lt  # pylint: disable=import-outside-toplevel
+  from experiments import lifelong_render as lt  # pylint: disable=import-outside-toplevel
   make = {tuple(lt.LIFELONG): lt.lifelong_table, tuple(lt.WILD): lt.wild_table,
           tuple(lt.MQUAKE): lt.mquake_table,
           tuple(lt.SWEEP): lt.sweep_table}[tuple(header)]
@@ -357,7 +357,7 @@ def check_generated(header, rows, data, where):
 
 
 def _generated_headers():
-  from experiments import lifelong_tables as lt  # pylint: disable=import-outside-toplevel
+  from experiments import lifelong_render as lt  # pylint: disable=import-outside-toplevel
   return (lt.LIFELONG, lt.WILD, lt.MQUAKE, lt.SWEEP)
 
 
