@@ -8,6 +8,11 @@ of N records for each N in `--batch_sizes_edit`, timed cold (with whatever
 compilations the batch needs) and, up to `--warm_max` edits, again warm with
 the same shapes.
 
+The `lifelong` task: `--num_edits` records written in successive turns of
+`--lifelong_batch` (params and editor state carried from turn to turn, no
+evaluation), each turn timed with its compilations; the first turn is the
+cold one, `steady_s_per_turn` the median of the rest.
+
 What a user waits for (ROME, KN): with `--fresh_processes` the same edits are
 also timed in two new processes sharing a new, empty persistent compilation
 cache: the first fills it ("empty cache"), the second reads it ("warm
@@ -25,6 +30,7 @@ import sys
 import tempfile
 import time
 
+import jax
 from absl import flags
 
 from keditjax import data, editors
@@ -41,6 +47,7 @@ _DATA = flags.DEFINE_string("data_path", "counterfact",
                             "CounterFact records (task=edit): a name, path or hf:<id>.")
 _FRESH = flags.DEFINE_bool("fresh_processes", True, "task=edit, single-edit methods: also time "
                            "the edits in new processes with an empty, then a warm, XLA cache.")
+_LIFELONG_BATCH = flags.DEFINE_integer("lifelong_batch", 100, "Edits per turn (task=lifelong).")
 _START = time.perf_counter()  # ~ process start (this module loads with the launcher)
 
 
@@ -96,6 +103,35 @@ def bench_edit(model, params, compiles):
          "peak_rss_mb": _peak_rss_mb()}
   row["fresh_processes"] = fresh_process_rows() if _FRESH.value else []
   return [row]
+
+
+def bench_lifelong(model, params, compiles):
+  """One row: `--num_edits` successive edits in turns (module docstring)."""
+  records = data.read_records(_DATA.value)[:_NUM_EDITS.value]
+  b = _LIFELONG_BATCH.value
+  if b < 1 or len(records) % b:
+    raise ValueError(f"--num_edits={len(records)} is not a multiple of "
+                     f"--lifelong_batch={b}.")
+  editor = editors.get(_METHOD.value)
+  start = time.perf_counter()
+  state = editor.init(model, params)
+  init_s = time.perf_counter() - start
+  turns = []
+  for i in range(0, len(records), b):
+    before = len(compiles)
+    start = time.perf_counter()
+    params, state, _ = editor.apply(model, params, records[i:i + b], state)
+    params = jax.block_until_ready(params)
+    turns.append({"edits": i + b, "s": time.perf_counter() - start,
+                  "compiles": len(compiles) - before})
+  total = sum(t["s"] for t in turns)
+  rest = [t["s"] for t in turns[1:]]
+  return [{"method": _METHOD.value, "num_edits": len(records), "batch": b,
+           "init_s": init_s, "edit_s_total": total,
+           "s_per_edit": total / len(records),
+           "first_turn_s": turns[0]["s"],
+           "steady_s_per_turn": statistics.median(rest) if rest else None,
+           "turns": turns, "peak_rss_mb": _peak_rss_mb()}]
 
 
 def fresh_process_rows() -> list[dict]:

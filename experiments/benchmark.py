@@ -3,6 +3,8 @@ r"""Benchmarks compile time, steady-state latency and throughput.
   python -m experiments.benchmark --task=forward --output_json=/tmp/bench.json \
       [--model=smollm2-135m] [--batch_sizes=1,8] [--lengths=16,128] [--steps=10]
 
+  python -m experiments.benchmark --task=lifelong --method=ultraedit --num_edits=1000 \
+      --lifelong_batch=100
   python -m experiments.benchmark --task=stats [--stats_layers=4] [--stats_tokens=16384]
   python -m experiments.benchmark --task=arch --arch_method=wise  # experiments/bench_arch.py
   python -m experiments.benchmark --task=train --train_config=experiments/configs/mend_tiny_synthetic.py
@@ -28,7 +30,8 @@ from experiments import common  # noqa: F401  (defines --compilation_cache)
 from keditjax import compilation_cache, models
 from keditjax.models import lm
 
-_TASK = flags.DEFINE_enum("task", "forward", ["forward", "generate", "stats", "edit", "score", "train", "arch"],
+_TASK = flags.DEFINE_enum("task", "forward", ["forward", "generate", "stats", "edit", "lifelong", "score", "train",
+                               "arch"],
                               "What to time.")
 _MODEL = flags.DEFINE_string("model", models.DEFAULT_MODEL, "Model name for load().")
 _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes.")
@@ -139,6 +142,7 @@ def bench_score(model, params):
 
 TASKS = {"score": bench_score, "forward": bench_forward, "generate": bench_generate, "stats": bench_stats,
          "edit": lambda model, params: bench_edit.bench_edit(model, params, _compiles),
+         "lifelong": lambda model, params: bench_edit.bench_lifelong(model, params, _compiles),
          "train": lambda model, params: bench_train.bench_train(_compiles),
          "arch": lambda model, params: bench_arch.bench_arch(
              model, params, measure, _NEW_TOKENS.value, list(map(int, _BATCHES.value)))}
@@ -161,7 +165,7 @@ def main(argv):
   report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print(f"{report['task']} {report['model']} ({report['params'] / 1e6:.1f}M params) on "
         f"{report['device']} x{report['num_devices']}, jax {report['jax']}")
-  if _TASK.value in ("edit", "train", "arch"):
+  if _TASK.value in ("edit", "lifelong", "train", "arch"):
     for r in report["results"]:
       print(json.dumps(r))
   else:

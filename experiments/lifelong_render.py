@@ -19,6 +19,8 @@ for _form in ("question", "qa", "chat"):
 MQUAKE = ["method", "cases", "teacher-forced", "WILD exact", "WILD contains",
           "GPT-J (MQuAKE paper)", "edit s"]
 SWEEP = ["setting", "efficacy", "paraphrase", "neighbourhood"]
+BATCH = ["method", "batch size", "edits (batches)", "efficacy", "paraphrase",
+         "neighbourhood", "edit s per edit"]
 
 
 def fmt(v, digits=1):
@@ -72,6 +74,55 @@ def sweep_table(data) -> list[str]:
     lines.append("| " + " | ".join([r["setting"]] + [
         fmt(r[k]) for k in LIFELONG_KEYS]) + " |")
   return lines
+
+
+NULLSPACE = ["layer", "relative threshold", "null-space dims",
+             "share of E‖k‖² inside (%)", "λ_min/λ_max", "λ_max share (%)"]
+
+
+def nullspace_table(data) -> list[str]:
+  lines = ["| " + " | ".join(NULLSPACE) + " |", "|" + "---|" * len(NULLSPACE)]
+  for r in data["rows"]:
+    lines.append("| " + " | ".join([
+        str(r["layer"]), f"{r['threshold']:g}", f"{r['dims']} / {r['features']}",
+        fmt(r["energy_share"]), f"{r['min_over_max']:.1e}",
+        fmt(r["top_share"])]) + " |")
+  return lines
+
+
+def batch_table(data) -> list[str]:
+  lines = ["| " + " | ".join(BATCH) + " |", "|" + "---|" * len(BATCH)]
+  for r in data["rows"]:
+    spe = fmt(r["seconds_per_edit"], 2) + (" (compiles)" if
+                                           r["first_for_method"] else "")
+    lines.append("| " + " | ".join(
+        [r["method"], str(r["batch_size"]), f"{r['n']} ({r['batches']})"] +
+        [fmt(r[k]) for k in LIFELONG_KEYS] + [spe]) + " |")
+  return lines
+
+
+def batch_plot(data, path):
+  """Quality and editing seconds per edit against batch size (log x)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  panels = LIFELONG_KEYS + ("seconds_per_edit",)
+  titles = ("efficacy (%)", "paraphrase (%)", "neighbourhood (%)",
+            "editing seconds per edit")
+  fig, axes = plt.subplots(1, len(panels), figsize=(16, 3.8))
+  for method in dict.fromkeys(r["method"] for r in data["rows"]):
+    rows = [r for r in data["rows"] if r["method"] == method]
+    for ax, key, title in zip(axes, panels, titles):
+      ax.plot([r["batch_size"] for r in rows], [r[key] for r in rows],
+              marker="o", label=method)
+      ax.set_xscale("log")
+      ax.set_title(title)
+      ax.set_xlabel("batch size")
+  axes[-1].set_yscale("log")
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def plot(runs, path):

@@ -93,6 +93,27 @@ def test_alphaedit_update_preserves_projected_keys():
   assert np.linalg.norm(keys @ delta) > 0.1 * np.linalg.norm(res)
 
 
+def test_null_space_energy_is_the_preserved_energy_inside_the_null_space():
+  rng = np.random.default_rng(5)
+  f = 16
+  basis = np.linalg.qr(rng.normal(size=(f, f)))[0]
+  eig = np.linspace(0.1, 10.0, f)
+  cov = (basis * eig) @ basis.T
+  # Below 2.0: eigenvalues 0.1, 0.76, 1.42 (linspace step 0.66).
+  want = eig[eig < 2.0].sum() / eig.sum()
+  got = linalg.null_space_energy(jnp.asarray(cov, jnp.float32), 2.0)
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+  # Against the projector: tr(P C) / tr(C), and E‖Pk‖² over sampled keys.
+  proj, _ = linalg.null_space_projector(jnp.asarray(cov, jnp.float32), 2.0)
+  np.testing.assert_allclose(np.trace(np.asarray(proj) @ cov) / np.trace(cov),
+                             want, rtol=1e-4)
+  keys = rng.normal(size=(20000, f)) * np.sqrt(eig) @ basis.T
+  share = (np.square(keys @ np.asarray(proj)).sum() /
+           np.square(keys).sum())
+  np.testing.assert_allclose(share, want, rtol=0.05)
+  assert linalg.null_space_energy(jnp.asarray(cov, jnp.float32), 0.05) == 0.0
+
+
 # -- requests ----------------------------------------------------------------
 
 def test_requests_layouts_and_errors():

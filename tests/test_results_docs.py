@@ -350,7 +350,9 @@ def check_generated(header, rows, data, where):
   from experiments import lifelong_render as lt  # pylint: disable=import-outside-toplevel
   make = {tuple(lt.LIFELONG): lt.lifelong_table, tuple(lt.WILD): lt.wild_table,
           tuple(lt.MQUAKE): lt.mquake_table,
-          tuple(lt.SWEEP): lt.sweep_table}[tuple(header)]
+          tuple(lt.SWEEP): lt.sweep_table,
+          tuple(lt.BATCH): lt.batch_table,
+          tuple(lt.NULLSPACE): lt.nullspace_table}[tuple(header)]
   want = [_cells(line) for line in make(data)[2:]]
   got = [[_clean(c) for c in cells] for cells, _ in rows]
   assert got == [[_clean(c) for c in w] for w in want], where
@@ -358,7 +360,8 @@ def check_generated(header, rows, data, where):
 
 def _generated_headers():
   from experiments import lifelong_render as lt  # pylint: disable=import-outside-toplevel
-  return (lt.LIFELONG, lt.WILD, lt.MQUAKE, lt.SWEEP)
+  return (lt.LIFELONG, lt.WILD, lt.MQUAKE, lt.SWEEP, lt.BATCH,
+          lt.NULLSPACE)
 
 
 # Tables with no JSON behind them (plans, not measurements).

@@ -99,6 +99,20 @@ def null_space_projector(cov_FxF, threshold: float):
   return (eigvecs * keep) @ eigvecs.T, int(jnp.sum(keep))
 
 
+def null_space_energy(cov_FxF, threshold: float) -> float:
+  """tr(P C) / tr(C): the share of the preserved keys' energy E‖k‖² that
+  lies in the null space of `null_space_projector(cov, threshold)`.
+
+  AlphaEdit's premise is that this share is ~0 (an update inside the null
+  space leaves preserved outputs unchanged); each unit of it is output
+  change the projection does not prevent. With a flat key spectrum (small
+  models) it is not small: docs/RESULTS.md, "Lifelong editing".
+  """
+  eigvals = jnp.linalg.eigvalsh(jnp.asarray(cov_FxF))
+  return float(jnp.sum(jnp.where(eigvals < threshold, eigvals, 0.0)) /
+               jnp.sum(eigvals))
+
+
 @jax.jit
 def alphaedit_update(keys_NxF, residuals_NxD, projector_FxF, prev_FxF, l2):
   """AlphaEdit's null-space-constrained update (Fang et al. 2025, eq. 10).
