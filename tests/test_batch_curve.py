@@ -3,6 +3,8 @@ lifelong editing benchmark's turn bookkeeping (experiments.bench_edit)."""
 
 import os
 
+import jax
+import numpy as np
 import pytest
 
 from experiments import lifelong_render as lr
@@ -34,3 +36,32 @@ def test_batch_plot_writes_a_png(tmp_path):
   lr.batch_plot(_data(), path)
   with open(path, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lifelong_turns_times_each_turn_and_carries_the_state():
+  from experiments import bench_edit  # pylint: disable=import-outside-toplevel
+  from keditjax import editors  # pylint: disable=import-outside-toplevel
+  from keditjax.models import tiny  # pylint: disable=import-outside-toplevel
+  model = tiny.tiny_lm(embed_std=1.0)
+  records = [{"prompt": "{} lives in", "subject": f"Name{i}",
+              "target_new": f" city{i}"} for i in range(4)]
+  editor = editors.get("ultraedit", layers=(2, 3), lr=0.5)
+  compiles = []
+  row, new_params, new_state = bench_edit.lifelong_turns(
+      editor, model, model.params, records, 2, compiles)
+  assert row["method"] == "ultraedit" and row["num_edits"] == 4
+  assert [t["edits"] for t in row["turns"]] == [2, 4]
+  assert row["edit_s_total"] == pytest.approx(
+      sum(t["s"] for t in row["turns"]))
+  assert row["steady_s_per_turn"] == row["turns"][1]["s"]
+  # The same edits applied by hand, turn by turn, give the same params.
+  params, state = model.params, editor.init(model, model.params)
+  for i in (0, 2):
+    params, state, _ = editor.apply(model, params, records[i:i + 2], state)
+  for a, b in zip(jax.tree.leaves((params, state)),
+                  jax.tree.leaves((new_params, new_state))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  assert int(new_state.edits) == 2  # two turns: the state was carried
+  with pytest.raises(ValueError, match="multiple"):
+    bench_edit.lifelong_turns(editor, model, model.params, records[:3], 2,
+                              compiles)
