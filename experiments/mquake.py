@@ -11,9 +11,13 @@ alias), as in the MQuAKE paper (Zhong et al. 2023). Two judgements:
 
   - teacher-forced: greedy decoding of the answer given the question yields
     every token of the new answer (any alias);
-  - WILD: the greedy generation (question form, `--max_new_tokens`) contains
-    the answer or an alias as whole words (`wild.contains`), and its first
-    clause equals one (`wild.exact`).
+  - WILD: the greedy generation (`--max_new_tokens`) contains the answer or
+    an alias as whole words (`wild.contains`), and its first clause equals
+    one (`wild.exact`).
+
+`--form` puts each question in a context (`wild_eval.context`: the bare
+question, a QA instruction or the chat template) for both judgements; this
+instruct model often ends its turn at once when asked a bare question.
 
 `none` is the unedited model, judged against the *original* answers (the
 paper's "before" column) and the new ones.
@@ -43,6 +47,8 @@ flags.DEFINE_list("methods", ["none", "rome", "memit", "alphaedit", "grace"],
 flags.DEFINE_string("data_path", None, "MQuAKE file (default: the bundled subset).")
 flags.DEFINE_integer("num_cases", 100, "Cases (from the first).")
 flags.DEFINE_integer("max_new_tokens", 24, "Generation budget.")
+flags.DEFINE_enum("form", "question", list(wild_eval.CONTEXTS),
+                  "Context of each question (both judgements).")
 flags.DEFINE_string("output", None, "JSON to write.")
 config_flags.DEFINE_config_file("config", "experiments/configs/editors.py",
                                 "Editor hyper-parameters.")
@@ -52,6 +58,7 @@ FLAGS = flags.FLAGS
 
 def judge_case(model, params, questions, answers):
   """`{"tf", "wild_exact", "wild_contains"}`: any question answered."""
+  questions = [wild_eval.context(model, q, FLAGS.form) for q in questions]
   pairs = [(q, a) for a in answers for q in questions]
   scored = scoring.teacher_forced(model, params, [q for q, _ in pairs],
                                   [a for _, a in pairs])
@@ -71,7 +78,8 @@ def main(argv):
   records = data.read_records(path)[:FLAGS.num_cases]
   model = models.load(FLAGS.model)
   out = {"command": {k: FLAGS[k].value for k in (
-      "model", "methods", "data_path", "num_cases", "max_new_tokens")},
+      "model", "methods", "data_path", "num_cases", "max_new_tokens",
+      "form")},
          "paper_gptj": PAPER_GPTJ, "rows": []}
   for method in FLAGS.methods:
     editor = None if method == "none" else editors.get(

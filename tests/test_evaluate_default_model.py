@@ -162,8 +162,11 @@ def test_wild_and_mquake_commands(tmp_path):
   out = tmp_path / "mquake.json"
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.mquake", "--methods=none",
-       "--num_cases=2", "--max_new_tokens=8", f"--output={out}"], cwd=ROOT,
-      capture_output=True, text=True, timeout=1200)
+       "--num_cases=2", "--max_new_tokens=8", "--form=chat",
+       f"--output={out}"], cwd=ROOT, capture_output=True, text=True,
+      timeout=1200)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  [row] = json.loads(out.read_text())["rows"]
+  results = json.loads(out.read_text())
+  [row] = results["rows"]
   assert row["n"] == 2 and {"old_tf", "new_wild_contains"} <= set(row)
+  assert results["command"]["form"] == "chat"
