@@ -280,7 +280,11 @@ def test_alphaedit_preserves_keys_and_accumulates(model):
   editor = editors.get("alphaedit", layers=(1, 2), l2=1e-2, **LOOSE)
   state = editor.init(model, covariance={1: cov, 2: cov}, templates=TEMPLATES)
   assert dict(zip(state.layers, state.nullspace_dims)) == {1: 32, 2: 32}
-  p1, state1, _ = editor.apply(model, model.params, REQUESTS[:2], state)
+  # The null space holds 32 × 1e-7 of a trace of ~96 × 1.5: ~0 percent.
+  assert all(0 <= e < 1e-4 for e in state.nullspace_energy)
+  p1, state1, info = editor.apply(model, model.params, REQUESTS[:2], state)
+  assert info.extras["nullspace_energy_percent"] == dict(
+      zip(state.layers, state.nullspace_energy))
   preserved = rng.normal(size=(50, 96)) @ basis[:, :96].T
   for layer in (1, 2):
     path = model.site_param(f"layer/{layer}/mlp/value")

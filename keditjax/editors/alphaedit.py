@@ -19,6 +19,7 @@ its factors (X_l[:, i], R_l[i]) per layer, X_l = (P(KᵀK + K_pᵀK_p) + αI)⁻
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,13 @@ import numpy as np
 from keditjax import errors
 from keditjax.editors import base, memit
 from keditjax.kernels import linalg
+
+
+log = logging.getLogger(__name__)
+
+# Warn at init when a layer's null space holds more of the preserved keys'
+# energy than this (percent).
+LEAK_WARNING_PERCENT = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +67,17 @@ class AlphaEditState:
     num_edits: requests written so far (an int32 array).
     nullspace_dims: dim of each layer's null space, aligned with
       `memit.layers` (static).
+    nullspace_energy: percent of the preserved keys' energy E‖k‖² inside
+      each layer's null space, tr(PC)/tr(C) (`linalg.null_space_energy`;
+      AlphaEdit assumes ~0), aligned with `memit.layers` (static).
   """
   memit: memit.MemitState
   projectors: dict
   edited_keys: dict
   num_edits: jax.Array
   nullspace_dims: tuple = dataclasses.field(metadata=dict(static=True))
+  nullspace_energy: tuple = dataclasses.field(default=(),
+                                              metadata=dict(static=True))
 
   @property
   def layers(self) -> tuple:
@@ -78,7 +91,7 @@ def alphaedit(hparams: AlphaEditHParams = AlphaEditHParams()
   def init(model, params=None, *, covariance=None, templates=None):
     """MEMIT's statistics, plus the null-space projector of every layer."""
     inner = memit.init_state(model, params, hparams, covariance, templates)
-    projectors, dims = {}, {}
+    projectors, dims, energy = {}, {}, {}
     for layer in inner.layers:
       layer, cov = str(layer), inner.covariance[str(layer)]
       cov = jnp.asarray(cov, jnp.float32)
@@ -91,11 +104,20 @@ def alphaedit(hparams: AlphaEditHParams = AlphaEditHParams()
         raise errors.ConfigError(
             f"nullspace_threshold={hparams.nullspace_threshold} leaves an "
             f"empty null space at layer {layer}; raise it.")
+      energy[layer] = round(100 * linalg.null_space_energy(cov, threshold), 3)
+    leaky = {l: e for l, e in energy.items() if e > LEAK_WARNING_PERCENT}
+    if leaky:
+      log.warning(
+          "AlphaEdit: the null space holds %s%% of the preserved keys' "
+          "energy at layers %s (the projection assumes ~0): sequential edits "
+          "will erode general ability (docs/RESULTS.md, 'Lifelong editing').",
+          "/".join(f"{e:.1f}" for e in leaky.values()), "/".join(leaky))
     f = model.config.intermediate_size
     edited = {layer: jnp.zeros((f, f), jnp.float32) for layer in projectors}
     return AlphaEditState(inner, projectors, edited,
                           np.asarray(0, np.int32),
-                          tuple(dims[str(l)] for l in inner.layers))
+                          tuple(dims[str(l)] for l in inner.layers),
+                          tuple(energy[str(l)] for l in inner.layers))
 
   def apply(model, params, requests, state: AlphaEditState):
     """Writes the batch; the returned state remembers its keys."""
@@ -120,6 +142,8 @@ def alphaedit(hparams: AlphaEditHParams = AlphaEditHParams()
               for layer in state.edited_keys}
     info.extras["nullspace_dims"] = dict(zip(state.layers,
                                              state.nullspace_dims))
+    info.extras["nullspace_energy_percent"] = dict(zip(
+        state.layers, state.nullspace_energy))
     new_state = dataclasses.replace(
         state, edited_keys=edited,
         num_edits=np.asarray(int(state.num_edits) + len(requests), np.int32))
