@@ -118,6 +118,8 @@ def batch_plot(data, path):
       ax.set_xscale("log")
       ax.set_title(title)
       ax.set_xlabel("batch size")
+  for ax in axes[:-1]:
+    ax.set_ylim(0, 100)
   axes[-1].set_yscale("log")
   axes[0].legend(fontsize=8)
   fig.tight_layout()

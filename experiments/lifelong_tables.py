@@ -17,7 +17,7 @@ import json
 
 from absl import app, flags
 
-from experiments.lifelong_render import (batch_table, lifelong_table,
+from experiments.lifelong_render import (batch_plot, batch_table, lifelong_table,
                                          mquake_table, nullspace_table, plot,
                                          sweep_table, wild_table)
 
@@ -26,6 +26,7 @@ flags.DEFINE_list("wild", [], "experiments.wild JSONs.")
 flags.DEFINE_string("mquake", None, "experiments.mquake JSON.")
 flags.DEFINE_list("sweeps", [], "experiments.ultraedit_sweep JSONs.")
 flags.DEFINE_string("batch", None, "experiments.batch_curve JSON.")
+flags.DEFINE_string("batch_plot", None, "PNG of the batch-size curve.")
 flags.DEFINE_string("nullspace", None, "experiments.nullspace_energy JSON.")
 flags.DEFINE_string("plot", None, "PNG of the lifelong curves.")
 FLAGS = flags.FLAGS
@@ -49,7 +50,10 @@ def main(argv):
       print(f"\n{path}\n\n" + "\n".join(sweep_table(json.load(f))))
   if FLAGS.batch:
     with open(FLAGS.batch) as f:
-      print(f"\n{FLAGS.batch}\n\n" + "\n".join(batch_table(json.load(f))))
+      batch = json.load(f)
+    print(f"\n{FLAGS.batch}\n\n" + "\n".join(batch_table(batch)))
+    if FLAGS.batch_plot:
+      batch_plot(batch, FLAGS.batch_plot)
   if FLAGS.nullspace:
     with open(FLAGS.nullspace) as f:
       print(f"\n{FLAGS.nullspace}\n\n" +
