@@ -47,11 +47,12 @@ FLAGS = flags.FLAGS
 TF = ("token", "survey")
 
 
-def measure(model, params, cases, ref_tf, ref_wild):
+def measure(model, params, cases, ref_tf, ref_wild, unedited=False):
   tf_rows, _ = evaluator.evaluate(model, params, cases, ref_tf, families=TF)
   wild_rows, _ = wild_eval.evaluate(model, params, cases, ref_wild,
                                     forms=FLAGS.forms,
-                                    max_new_tokens=FLAGS.max_new_tokens)
+                                    max_new_tokens=FLAGS.max_new_tokens,
+                                    unedited=unedited)
   return [dict(t, **w) for t, w in zip(tf_rows, wild_rows)]
 
 
@@ -85,7 +86,7 @@ def main(argv):
                                  FLAGS.max_new_tokens)
   edit_seconds = 0.0
   if editor is None:
-    rows = measure(model, params0, cases, ref_tf, ref_wild)
+    rows = measure(model, params0, cases, ref_tf, ref_wild, unedited=True)
   else:
     state = editor.init(model)
     if FLAGS.mode == "single":

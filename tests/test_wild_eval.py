@@ -88,6 +88,26 @@ def test_verdicts_reliability_generality_and_locality():
   assert all(rows_ & (rows_ - 1) == 0 for rows_, _, _ in calls)
 
 
+def test_unedited_reuses_the_reference_locality_answers():
+  q = wild_eval.context
+  m0 = _fake_model({}, [])
+  table = {q(m0, "who won?", "question"): " Wilt Chamberlain.",
+           q(m0, "when was the cup?", "question"): " 1994.",
+           q(m0, "where is Capel?", "question"): " Kent."}
+  calls = []
+  ref = wild_eval.reference(_fake_model(table, calls), None, [_case()],
+                            forms=("question",))
+  assert [n for n, _, _ in calls] == [2]  # the 2 locality questions
+  again, _ = wild_eval.evaluate(_fake_model(table, calls), None, [_case()],
+                                ref, forms=("question",))
+  # 1 edit + 2 rephrase + 2 locality = 5 rows, padded to a power of two.
+  assert [n for n, _, _ in calls] == [2, 8]
+  reused, _ = wild_eval.evaluate(_fake_model(table, calls), None, [_case()],
+                                 ref, forms=("question",), unedited=True)
+  assert [n for n, _, _ in calls] == [2, 8, 4]  # 3 rows: no locality
+  assert reused == again and reused[0]["question/locality"] == 1.0
+
+
 def test_greedy_generation_on_a_tiny_model_is_deterministic():
   model = tiny.tiny_lm(embed_std=1.0)
   prompts = ["ab", "abc", "hello"]

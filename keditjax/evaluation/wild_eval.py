@@ -112,8 +112,14 @@ def _same(a: str, b: str) -> bool:
 
 def evaluate(model, params, cases: Sequence[EditCase], ref: dict,
              forms: Sequence[str] = CONTEXTS, max_new_tokens: int = 32,
-             hook: wild.Judge | None = None) -> tuple[list[dict], dict]:
+             hook: wild.Judge | None = None, *, unedited: bool = False
+             ) -> tuple[list[dict], dict]:
   """Per-case WILD metrics and their means (percent) under `params`.
+
+  `unedited=True` says `params` are the ones `ref` was generated with (the
+  unedited model): the locality answers are taken from `ref` instead of
+  being generated again (greedy decoding gives the same text), so locality
+  is 100 by definition and only the edit and rephrase questions are decoded.
 
   Per case and form: `{form}/reliability_exact|contains`,
   `{form}/generality_exact|contains` (mean over rephrasings),
@@ -124,8 +130,10 @@ def evaluate(model, params, cases: Sequence[EditCase], ref: dict,
   for form in forms:
     if form not in CONTEXTS:
       raise errors.ConfigError(f"context form {form!r}; use one of {CONTEXTS}.")
-  gen = _generate(model, params, cases, forms,
-                  ("edit", "rephrase", "locality"), max_new_tokens)
+  kinds = ("edit", "rephrase") + (() if unedited else ("locality",))
+  gen = _generate(model, params, cases, forms, kinds, max_new_tokens)
+  if unedited:
+    gen.update(ref)
   rows = []
   for case in cases:
     row = {"case_id": case.case_id}
