@@ -39,8 +39,16 @@ def check(pins, method, old, new):
   for path, leaf in jax.tree_util.tree_leaves_with_path(new):
     key = "/".join(p.key for p in path)
     if key in pinned:
-      np.testing.assert_allclose(np.asarray(leaf), pinned.pop(key), rtol=0,
-                                 atol=1e-6, err_msg=f"{method}: {key}")
+      # The edit (new - old) against the pinned edit, relative to its size:
+      # the pins came from an AVX-512 CPU, and XLA's CPU code for another
+      # instruction set rounds differently (~1e-5 after 20 Adam steps of
+      # v*); a change of behaviour moves the edit by O(1) of its norm.
+      before = np.asarray(base.get_leaf(old, key.split("/")))
+      want = pinned.pop(key) - before
+      got = np.asarray(leaf) - before
+      assert np.linalg.norm(want) > 0, f"{method}: {key} pinned unchanged"
+      err = np.linalg.norm(got - want) / np.linalg.norm(want)
+      assert err < 1e-4, f"{method}: {key} edit differs by {err:.2e} of its norm"
     else:
       np.testing.assert_array_equal(
           np.asarray(leaf), np.asarray(base.get_leaf(old, key.split("/"))),
