@@ -39,7 +39,7 @@ def test_batch_plot_writes_a_png(tmp_path):
 
 
 def test_lifelong_turns_times_each_turn_and_carries_the_state():
-  from experiments import bench_edit  # pylint: disable=import-outside-toplevel
+  from experiments import bench_turns  # pylint: disable=import-outside-toplevel
   from keditjax import editors  # pylint: disable=import-outside-toplevel
   from keditjax.models import tiny  # pylint: disable=import-outside-toplevel
   model = tiny.tiny_lm(embed_std=1.0)
@@ -47,7 +47,7 @@ def test_lifelong_turns_times_each_turn_and_carries_the_state():
               "target_new": f" city{i}"} for i in range(4)]
   editor = editors.get("ultraedit", layers=(2, 3), lr=0.5)
   compiles = []
-  row, new_params, new_state = bench_edit.lifelong_turns(
+  row, new_params, new_state = bench_turns.lifelong_turns(
       editor, model, model.params, records, 2, compiles)
   assert row["method"] == "ultraedit" and row["num_edits"] == 4
   assert [t["edits"] for t in row["turns"]] == [2, 4]
@@ -63,5 +63,5 @@ def test_lifelong_turns_times_each_turn_and_carries_the_state():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
   assert int(new_state.edits) == 2  # two turns: the state was carried
   with pytest.raises(ValueError, match="multiple"):
-    bench_edit.lifelong_turns(editor, model, model.params, records[:3], 2,
+    bench_turns.lifelong_turns(editor, model, model.params, records[:3], 2,
                               compiles)

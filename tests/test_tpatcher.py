@@ -222,8 +222,12 @@ def test_removing_the_last_edit_gives_the_earlier_model_bit_for_bit(
                 - _logits(model, p1, texts[1])).max() > 1e-3
   back = tpatcher.remove(p2, editor.hparams, i2.records[0])
   for t in texts:
-    np.testing.assert_array_equal(_logits(model, back, t),
-                                  _logits(model, p1, t))
+    # Equal up to float rounding: the memory after removal keeps its grown
+    # capacity (zeroed rows), and XLA's AVX2 CPU code reduces the longer
+    # rows in another order (≤ 6e-7 seen; bit-for-bit on AVX-512); an edit
+    # moves these logits by > 1e-3 (asserted above).
+    np.testing.assert_allclose(_logits(model, back, t),
+                               _logits(model, p1, t), rtol=0, atol=1e-5)
   _, a = tpatcher.patch(back, editor.hparams)
   for e in i2.records[0].touched:
     assert int(a.params["active"][e.index]) == 0

@@ -87,6 +87,10 @@ def outer_sum(keys_NxF, mask_N, dtype, *, blocks: int | None = None):
                               precision=jax.lax.Precision.HIGHEST,
                               preferred_element_type=dtype)
            for i in range(len(parts)) for j in range(i, len(parts))}
+  # A diagonal block's (f, g) and (g, f) may be reduced in different orders
+  # (XLA's AVX2 CPU code does): average them, which is exactly symmetric.
+  for i in range(len(parts)):
+    upper[i, i] = (upper[i, i] + upper[i, i].T) * 0.5
   if len(parts) == 1:
     return upper[0, 0]
   return jnp.concatenate([
