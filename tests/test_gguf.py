@@ -273,3 +273,37 @@ def test_missing_tensor(tmp_path):
   _write_tiny(tmp_path / "tiny.gguf", drop=("blk.0.ffn_up.weight",))
   with pytest.raises(errors.CheckpointError, match="up_proj"):
     kgguf.read_gguf(tmp_path / "tiny.gguf")
+
+
+def test_stream_dequantizes_one_tensor_at_a_time(tmp_path, monkeypatch):
+  """`stream_gguf` yields what `read_gguf` holds, dequantizing lazily, and
+  `tensors_to_params` places each leaf as it comes (the loader's memory)."""
+  import jax
+  from gguf import quants
+  from keditjax import models
+  from keditjax.models import hf as khf
+  _write_tiny(tmp_path / "tiny.gguf")
+  want = kgguf.read_gguf(tmp_path / "tiny.gguf")
+  calls = []
+  real = quants.dequantize
+  monkeypatch.setattr(quants, "dequantize",
+                      lambda *a: calls.append(1) or real(*a))
+  stream = kgguf.stream_gguf(tmp_path / "tiny.gguf")
+  assert stream.hf_config == want.hf_config and not calls
+  name, first = next(stream.tensors)
+  assert len(calls) == 1
+  np.testing.assert_array_equal(first, want.tensors[name])
+  rest = dict(stream.tensors)
+  assert len(calls) == len(want.tensors) == len(rest) + 1
+  placed = []
+  config = models.from_hf_config(want.hf_config, strict=False)
+  params = khf.tensors_to_params(
+      config, kgguf.stream_gguf(tmp_path / "tiny.gguf").tensors,
+      place=lambda x: placed.append(x.shape) or jax.device_put(x))
+  ref = khf.tensors_to_params(config, want.tensors)
+  assert len(placed) == len(jax.tree.leaves(ref))
+  jax.tree.map(np.testing.assert_array_equal, params, ref)
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(params))
+  assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(ref))
+  loaded = models.load_gguf(str(tmp_path / "tiny.gguf"))
+  jax.tree.map(np.testing.assert_array_equal, loaded.params, ref)

@@ -98,3 +98,32 @@ def test_scanned_prefill_fills_the_cache_as_the_unrolled_pass(model):
   rest, _, _ = lm.run(c, p, tokens[:, 5:], attention_mask=mask[:, 5:],
                       cache=got)
   np.testing.assert_allclose(rest, full[:, 5:], atol=2e-5, rtol=1e-4)
+
+
+def test_blocks_stacked_outside_give_the_same_pass(model):
+  """`blocks` stacked by the caller (read in place by the scan) and a
+  prefill that scans only from `scan_from` give the passes above."""
+  c, p = model.config, model.params
+  rng = np.random.default_rng(4)
+  tokens = jnp.asarray(rng.integers(0, c.vocab_size, (2, 9)), jnp.int32)
+  mask = jnp.asarray(np.array([[1] * 9, [0, 0] + [1] * 7]), jnp.int32)
+  _, _, want = lm.run(c, p, tokens[:, :5], attention_mask=mask[:, :5],
+                      cache=layers.init_cache(c, 2, 9))
+  for scan_from in range(c.num_layers + 1):
+    blocks = (lm.stack_blocks(c, p, scan_from)["params"]
+              if scan_from < c.num_layers else None)
+    got = jax.jit(lambda t, m, k, b, s=scan_from: lm.prefill_scanned(
+        c, p, t, attention_mask=m, cache=k, scan_from=s, blocks=b))(
+            tokens[:, :5], mask[:, :5], layers.init_cache(c, 2, 9), blocks)
+    assert int(got["index"]) == 5
+    chex.assert_trees_all_close(got, want, atol=2e-5, rtol=1e-4)
+  full, _, _ = lm.run(c, p, tokens, attention_mask=mask)
+  hidden, _, _ = lm.run(c, p, tokens[:, 5:], attention_mask=mask[:, 5:],
+                        stop_layer=1, cache=want)
+  logits = lm.run_scanned(c, p, hidden, start_layer=1, cache=want,
+                          attention_mask=mask[:, 5:],
+                          blocks=lm.stack_blocks(c, p, 1)["params"])
+  np.testing.assert_allclose(logits, full[:, 5:], atol=2e-5, rtol=1e-4)
+  with pytest.raises(ValueError, match="layers"):  # blocks of another span
+    lm.run_scanned(c, p, hidden, start_layer=1, cache=want,
+                   blocks=lm.stack_blocks(c, p, 0)["params"])

@@ -66,7 +66,7 @@ class MemitHParams:
   clamp_norm_factor: float = 4.0
   v_stop_loss: float = 1e-2
   v_stop_on: str = "nll"
-  v_compute_dtype: str = "bfloat16"
+  v_compute_dtype: str = "auto"
   v_scan_layers: bool = True
   v_chunk: int = 8
   mom2_update_weight: float | None = None

@@ -65,7 +65,7 @@ class RomeHParams:
   clamp_norm_factor: float = 4.0
   v_stop_loss: float = 5e-2
   v_stop_on: str = "nll"
-  v_compute_dtype: str = "bfloat16"
+  v_compute_dtype: str = "auto"
   v_scan_layers: bool = True
   use_covariance: bool = True
   mom2_tokens: int = 200_000

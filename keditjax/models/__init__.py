@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import jax
 import numpy as np
 
 from keditjax import errors
@@ -46,10 +47,12 @@ def bundled_path(name: str) -> str:
 def load_gguf(path: str, *, dtype=np.float32) -> LanguageModel:
   """Loads a GGUF file as a `LanguageModel`."""
   from keditjax.models import gguf, hf
-  contents = gguf.read_gguf(path)
+  # Dequantized and placed one tensor at a time: the float32 checkpoint is
+  # never held beside the placed params.
+  contents = gguf.stream_gguf(path)
   config = from_hf_config(contents.hf_config, strict=False)
   params = hf.tensors_to_params(config, contents.tensors, dtype=dtype,
-                                source=path)
+                                source=path, place=jax.device_put)
   hf_cfg = contents.hf_config
   tokenizer = Tokenizer.from_json(
       contents.tokenizer_json, bos_id=hf_cfg.get("bos_token_id"),

@@ -113,6 +113,26 @@ def read_gguf(path: str | os.PathLike) -> GGUFContents:
                       metadata=_metadata(reader))
 
 
+def stream_gguf(path: str | os.PathLike):
+  """Like `read_gguf`, but `tensors` is an iterator of `(name, array)` pairs.
+
+  The file's tensors are dequantized lazily, one at a time, as the iterator
+  is consumed (`models.load_gguf` places each on the device and drops it:
+  the peak memory is the params plus one tensor). `hf_config`'s
+  `tie_word_embeddings` is known before the tensors are read.
+  """
+  reader = _open(path)
+  arch = _architecture(reader)
+  hf_config = _hf_config(reader, arch)
+  hf_config["tie_word_embeddings"] = not any(
+      _hf_name(t.name, path) == "lm_head.weight" for t in reader.tensors)
+  tokenizer = _tokenizer(reader)
+  return GGUFContents(hf_config=hf_config,
+                      tensors=_iter_tensors(reader, arch, hf_config, path),
+                      tokenizer_json=tokenizer.to_str(),
+                      metadata=_metadata(reader))
+
+
 def gguf_tokenizer(source: str | os.PathLike | GGUFContents):
   """The `tokenizers.Tokenizer` described by a GGUF file.
 
@@ -275,10 +295,19 @@ def _expected_shapes(config: dict) -> dict:
 
 
 def _tensors(reader, arch: str, config: dict, path) -> dict:
+  return dict(_iter_tensors(reader, arch, config, path))
+
+
+def _iter_tensors(reader, arch: str, config: dict, path):
+  """`(HF name, float32 array)` pairs, dequantized one tensor at a time.
+
+  A loader that places each array as it comes and drops it holds one float32
+  tensor beside the placed params, not the whole float32 checkpoint.
+  """
   from gguf import quants  # pylint: disable=g-import-not-at-top
   expected = _expected_shapes(config)
   expected["lm_head.weight"] = expected["model.embed_tokens.weight"]
-  tensors = {}
+  seen = set()
   for tensor in reader.tensors:
     name = _hf_name(tensor.name, path)
     shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF: ne0 first
@@ -297,12 +326,12 @@ def _tensors(reader, arch: str, config: dict, path) -> dict:
       values = unpermute_rope_rows(values, config["num_attention_heads"])
     elif arch in _ROPE_PERMUTED and ".self_attn.k_proj." in name:
       values = unpermute_rope_rows(values, config["num_key_value_heads"])
-    tensors[name] = values
-  missing = sorted(set(expected) - set(tensors) - {"lm_head.weight"})
+    seen.add(name)
+    yield name, values
+  missing = sorted(set(expected) - seen - {"lm_head.weight"})
   if missing:
     raise errors.CheckpointError(
         f"GGUF file {path} lacks {len(missing)} tensors, e.g. {missing[:3]}.")
-  return tensors
 
 
 def _tokenizer(reader):

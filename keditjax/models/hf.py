@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -73,18 +74,22 @@ def unflatten(flat: dict[str, Any]) -> dict:
   return tree
 
 
-def tensors_to_params(config: ModelConfig, tensors: dict[str, np.ndarray],
-                      *, dtype=np.float32, source: str = "checkpoint") -> dict:
+def tensors_to_params(config: ModelConfig, tensors, *, dtype=np.float32,
+                      source: str = "checkpoint", place=None) -> dict:
   """Maps HF-named tensors to a keditjax parameter tree.
 
   Args:
     config: the model config.
-    tensors: HF tensor name -> array.
+    tensors: HF tensor name -> array, or an iterable of `(name, array)`
+      pairs (consumed once: a streaming loader's tensors are dropped as soon
+      as they are mapped).
     dtype: parameter dtype.
     source: a name for error messages (the file or directory).
+    place: called on each mapped leaf (e.g. `jax.device_put`, so that only
+      the placed copy is kept); None keeps numpy arrays.
 
   Returns:
-    The nested-dict parameter pytree (numpy arrays).
+    The nested-dict parameter pytree (numpy arrays, or what `place` returns).
 
   Raises:
     CheckpointError: an unmapped tensor, a missing parameter, a shape mismatch.
@@ -94,7 +99,8 @@ def tensors_to_params(config: ModelConfig, tensors: dict[str, np.ndarray],
   ignore = [re.compile(p) for p in arch.hf_ignore]
   expected = flatten(abstract_params(config))
   flat = {}
-  for name, array in tensors.items():
+  items = tensors.items() if isinstance(tensors, Mapping) else tensors
+  for name, array in items:
     if any(p.match(name) for p in ignore):
       continue
     if config.tie_word_embeddings and name == "lm_head.weight":
@@ -112,7 +118,9 @@ def tensors_to_params(config: ModelConfig, tensors: dict[str, np.ndarray],
       raise errors.CheckpointError(
           f"{source}: tensor {name!r} maps to {path!r}, which the "
           f"{config.arch} config does not have (check config.json).")
-    value = _transform(np.asarray(array), transform).astype(dtype)
+    # Placed leaves are copied by `place`; numpy leaves are our own copy.
+    value = _transform(np.asarray(array), transform).astype(
+        dtype, copy=place is None)
     if not np.all(np.isfinite(value)):
       raise errors.CheckpointError(
           f"{source}: tensor {name!r} holds NaN or infinite values.")
@@ -120,7 +128,8 @@ def tensors_to_params(config: ModelConfig, tensors: dict[str, np.ndarray],
       raise errors.CheckpointError(
           f"{source}: tensor {name!r} has shape {tuple(array.shape)}, "
           f"expected {tuple(expected[path].shape)} for {path!r}.")
-    flat[path] = value
+    flat[path] = value if place is None else place(value)
+    del array, value  # a streamed tensor is freed before the next one
   missing = sorted(set(expected) - set(flat))
   if missing:
     raise errors.CheckpointError(
@@ -153,6 +162,15 @@ def read_safetensors(directory: str) -> dict[str, np.ndarray]:
   Raises:
     CheckpointError: no weights file, a missing shard, or a corrupt file.
   """
+  return dict(iter_safetensors(directory))
+
+
+def iter_safetensors(directory: str):
+  """`read_safetensors` as `(name, float32 array)` pairs, one at a time.
+
+  The files are checked before the first pair; a tensor is read only when
+  the iterator reaches it.
+  """
   from safetensors import safe_open
   index = os.path.join(directory, "model.safetensors.index.json")
   single = os.path.join(directory, "model.safetensors")
@@ -169,20 +187,28 @@ def read_safetensors(directory: str) -> dict[str, np.ndarray]:
     raise errors.CheckpointError(
         f"{directory}: no model.safetensors or model.safetensors.index.json "
         "(only safetensors checkpoints are supported).")
-  tensors = {}
-  for name in files:
-    path = os.path.join(directory, name)
+  paths = [os.path.join(directory, name) for name in files]
+  for path in paths:
     if not os.path.exists(path):
       raise errors.CheckpointError(f"{path}: shard listed in the index is missing.")
+  return _iter_files(paths)
+
+
+def _iter_files(paths):
+  from safetensors import safe_open
+  for path in paths:
     try:
       # framework="flax" reads bfloat16 too, which numpy cannot represent.
       with safe_open(path, framework="flax") as f:
-        for key in f.keys():
-          tensors[key] = np.asarray(f.get_tensor(key).astype(jnp.float32))
+        keys = list(f.keys())
+        for key in keys:
+          value = np.asarray(f.get_tensor(key).astype(jnp.float32))
+          yield key, value
+    except errors.KeditError:
+      raise
     except Exception as e:  # safetensors raises its own error types.
       raise errors.CheckpointError(
           f"{path}: corrupt or truncated safetensors file ({e}).") from None
-  return tensors
 
 
 def resolve_directory(name_or_path: str) -> str:
@@ -230,8 +256,8 @@ def load_hf(name_or_path: str, *, strict: bool = True, dtype=np.float32):
   """Loads a Hugging Face checkpoint: `(config, params, directory)`."""
   directory = resolve_directory(name_or_path)
   config = read_config(directory, strict=strict)
-  tensors = read_safetensors(directory)
-  params = tensors_to_params(config, tensors, dtype=dtype, source=directory)
+  params = tensors_to_params(config, iter_safetensors(directory), dtype=dtype,
+                             source=directory, place=jax.device_put)
   return config, params, directory
 
 

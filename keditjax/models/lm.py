@@ -86,9 +86,26 @@ def stack_blocks(config: ModelConfig, params, start_layer: int, cache=None):
   return out
 
 
+def blocks_and_cache(config, blocks, start_layer, cache):
+  """`stack_blocks`' result from `blocks` stacked by the caller (only the
+  small cache is stacked here); None for None."""
+  if blocks is None:
+    return None
+  start, stop = layers.layer_span(config, start_layer, None)
+  n = jax.tree.leaves(blocks)[0].shape[0]
+  if n != stop - start:
+    raise ValueError(f"blocks hold {n} layers; [{start}, {stop}) needs "
+                     f"{stop - start}.")
+  out = {"params": blocks}
+  if cache is not None:
+    out["cache"] = jax.tree.map(lambda *xs: jnp.stack(xs),
+                                *cache["layers"][start:stop])
+  return out
+
+
 def run_scanned(config: ModelConfig, params, hidden, *, start_layer: int,
                 attention_mask=None, cache=None, logit_positions=None,
-                stacked=None):
+                stacked=None, blocks=None):
   """Blocks `[start_layer, L)` as one `lax.scan`, then the LM head.
 
   Equal to `run(..., hidden=hidden, start_layer=start_layer)` but traced
@@ -105,6 +122,11 @@ def run_scanned(config: ModelConfig, params, hidden, *, start_layer: int,
     attention_mask, cache, logit_positions: as in `run`.
     stacked: `stack_blocks(config, params, start_layer, cache)`, when the
       caller keeps it (e.g. outside a loop); computed here otherwise.
+    blocks: `stack_blocks(config, params, start_layer)["params"]` made by
+      the caller outside the jitted function: the scan then reads this
+      argument in place, where stacking inside a jitted function writes a
+      copy of every block's weights on each call (~40% of a v* step's
+      temporary memory on SmolLM2).
 
   Returns:
     logits `[B, T or L, V]`.
@@ -114,6 +136,8 @@ def run_scanned(config: ModelConfig, params, hidden, *, start_layer: int,
                        attention_mask=attention_mask, cache=cache,
                        logit_positions=logit_positions)
     return logits
+  if stacked is None:
+    stacked = blocks_and_cache(config, blocks, start_layer, cache)
   x_BxLxD, _, _ = _scan_blocks(config, params, hidden, start_layer,
                                 attention_mask, cache, stacked,
                                 keep_cache=False)
@@ -148,12 +172,18 @@ def _scan_blocks(config, params, hidden, start_layer, attention_mask, cache,
 
 
 def prefill_scanned(config: ModelConfig, params, tokens_BxL, *,
-                    attention_mask, cache):
+                    attention_mask, cache, scan_from: int = 0, blocks=None):
   """A full forward pass that only fills `cache`, with the blocks scanned.
 
   Equal to `run(config, params, tokens_BxL, attention_mask=..., cache=...)`'s
   new cache, but traced once per block instead of once per layer (a prefix
   pass in a one-off jitted program compiles in a fraction of the time).
+
+  Args:
+    config, params, tokens_BxL, attention_mask, cache: as in `run`.
+    scan_from: blocks below it run unrolled, the rest under one scan.
+    blocks: the stacked params of blocks `[scan_from, L)` (see
+      `run_scanned`), or None to stack them here.
 
   Returns:
     The cache after the pass (`layers.finish_cache`).
@@ -161,13 +191,18 @@ def prefill_scanned(config: ModelConfig, params, tokens_BxL, *,
   if adapters_lib.has_adapters(params):  # see run_scanned
     return run(config, params, tokens_BxL, attention_mask=attention_mask,
                cache=cache)[2]
-  embedded_BxLxD, _, _ = run(config, params, tokens_BxL, stop_layer=0,
-                             attention_mask=attention_mask)
+  hidden_BxLxD, _, low = run(config, params, tokens_BxL, stop_layer=scan_from,
+                             attention_mask=attention_mask,
+                             cache=cache if scan_from else None)
+  if scan_from == config.num_layers:  # nothing left to scan
+    return low
   _, stacked_caches, cache_pos = _scan_blocks(
-      config, params, embedded_BxLxD, 0, attention_mask, cache, None,
-      keep_cache=True)
-  new_layers = {i: jax.tree.map(lambda a, i=i: a[i], stacked_caches)
-                for i in range(config.num_layers)}
+      config, params, hidden_BxLxD, scan_from, attention_mask, cache,
+      blocks_and_cache(config, blocks, scan_from, cache), keep_cache=True)
+  new_layers = {i: low["layers"][i] for i in range(scan_from)}
+  new_layers.update({i: jax.tree.map(lambda a, k=i - scan_from: a[k],
+                                     stacked_caches)
+                     for i in range(scan_from, config.num_layers)})
   return layers.finish_cache(cache, new_layers, cache_pos,
                              tokens_BxL.shape[1])
 
@@ -293,8 +328,10 @@ class ModelBase:
     self.config = config
     # Numpy leaves (fresh from a loader) would be copied to the device on
     # every call; place them once. Already-placed (e.g. sharded) arrays stay.
+    # (`device_put` copies once; `jnp.asarray` of a numpy array holds two
+    # copies at its peak.)
     self.params = jax.tree.map(
-        lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), params)
+        lambda x: x if isinstance(x, jax.Array) else jax.device_put(x), params)
     self.tokenizer = tokenizer
     self.name = name
 

@@ -28,6 +28,10 @@ import numpy as np
 from keditjax import errors
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# "auto": bfloat16 where matmuls have native bfloat16 support, else float32.
+AUTO = "auto"
+# CPU feature flags (Linux /proc/cpuinfo) of native bfloat16 dot products.
+_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 _LAYER = re.compile(r"^[A-Za-z]+_(\d+)(/|$)")
 
 
@@ -36,6 +40,46 @@ def check(name: str) -> str:
     raise errors.ConfigError(
         f"compute_dtype={name!r}; use one of {', '.join(COMPUTE_DTYPES)}.")
   return name
+
+
+def check_or_auto(name: str) -> str:
+  """`check`, also accepting "auto" (see `resolve`)."""
+  return name if name == AUTO else check(name)
+
+
+def cpu_has_native_bfloat16(cpuinfo: str | None = None) -> bool:
+  """Whether the host CPU multiplies bfloat16 natively (AVX512-BF16, AMX, or
+  Arm's BF16 extension), from `/proc/cpuinfo` (False where unreadable)."""
+  if cpuinfo is None:
+    try:
+      with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+        cpuinfo = f.read()
+    except OSError:
+      return False
+  for line in cpuinfo.splitlines():
+    key, _, value = line.partition(":")
+    if key.strip() in ("flags", "Features"):
+      return any(flag in value.split() for flag in _BF16_CPU_FLAGS)
+  return False
+
+
+def resolve(name: str, backend: str | None = None,
+            cpuinfo: str | None = None) -> str:
+  """A concrete compute dtype: "auto" becomes "bfloat16" on GPUs, TPUs and
+  CPUs with native bfloat16 matmuls, "float32" elsewhere.
+
+  Without native support XLA's CPU backend widens bfloat16 operands to
+  float32 around every matmul: no faster (the v* loop of a ROME edit on an
+  AVX2 CPU: no gain, docs/benchmarks/edit_rome_cpu.json) and more memory
+  (the widened copies and the custom backward's bfloat16 residuals: the v*
+  loop's temporary buffers 629 MB instead of 183 MB on SmolLM2-135M).
+  """
+  if check_or_auto(name) != AUTO:
+    return name
+  backend = backend or jax.default_backend()
+  if backend != "cpu":
+    return "bfloat16"
+  return "bfloat16" if cpu_has_native_bfloat16(cpuinfo) else "float32"
 
 
 def _contract_last(x, kernel_KxN):
