@@ -28,6 +28,7 @@ from absl import app, flags, logging
 from experiments import bench_arch, bench_edit, bench_train
 from experiments import common  # noqa: F401  (defines --compilation_cache)
 from keditjax import compilation_cache, models
+from keditjax.models import precision
 from keditjax.models import lm
 
 _TASK = flags.DEFINE_enum("task", "forward", ["forward", "generate", "stats", "edit", "lifelong", "score", "train",
@@ -159,6 +160,8 @@ def main(argv):
             "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
             "num_devices": jax.device_count(), "jax": jax.__version__,
             "compilation_cache": cache_dir,
+            # What "auto" compute dtypes (ROME/MEMIT v*) resolve to here.
+            "auto_compute_dtype": precision.resolve("auto"),
             "params": sum(x.size for x in jax.tree.leaves(params)), "steps": _STEPS.value,
             "results": TASKS[_TASK.value](model, params)}
   # The process's peak resident memory (Linux: KiB), model and compiles included.

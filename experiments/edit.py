@@ -8,6 +8,7 @@ Prints the top next tokens, P(target_new), P(original answer) and a short
 generation for the prompt, a paraphrase (generality) and an unrelated prompt
 (locality), and the edit time. `--output_json` writes the numbers, `--save`
 the edited model (Hugging Face format). Hyper-parameters: `--config.<method>.<field>=...`.
+`--mesh=2x4` shards the model over a (data, model) device mesh and edits it there.
 """
 
 import json
@@ -19,7 +20,7 @@ import numpy as np
 
 from experiments import common
 from experiments.configs import editors as editor_configs
-from keditjax import editors, models
+from keditjax import editors, models, sharding
 
 flags.DEFINE_string("model", models.DEFAULT_MODEL, "Model to edit.")
 flags.DEFINE_enum("method", "rome", list(editors.METHODS), "Editing method.")
@@ -32,6 +33,8 @@ flags.DEFINE_string("unrelated", "The mother tongue of Michel Rocard is", "A pro
 flags.DEFINE_integer("max_new_tokens", 16, "Generation length.")
 flags.DEFINE_string("output_json", None, "Write the numbers here.")
 flags.DEFINE_string("save", None, "Save the edited model (HF format) in this directory.")
+flags.DEFINE_string("mesh", None, "Shard the model over a DATAxMODEL device mesh, e.g. 2x4 "
+                    "(keditjax.sharding rules; default: one device).")
 config_flags.DEFINE_config_file("config", "experiments/configs/editors.py", "Editor hyper-parameters.")
 FLAGS = flags.FLAGS
 
@@ -63,7 +66,10 @@ def show(title, results):
 def main(argv):
   del argv
   common.setup()
+  mesh = sharding.mesh_from_flag(FLAGS.mesh)  # a bad --mesh fails before loading
   model = models.load(FLAGS.model)
+  if mesh is not None:
+    model = sharding.shard_model(model, mesh)
   request = editors.make_request(dict(prompt=FLAGS.prompt, subject=FLAGS.subject,
                                       target_new=FLAGS.target_new, target_true=FLAGS.target_true))
   prompts = {"prompt": request.text, "unrelated": FLAGS.unrelated}

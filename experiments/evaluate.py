@@ -15,6 +15,7 @@ of --batch_size edited on top of each other; SR/RR/DD recorded every
 Writes DIR/results.json ({"protocol", "n", "metrics", "cases", "steps",
 "heldout", "timing"}; metrics in percent, DD in points), DIR/summary.md and
 DIR/metrics.png. Editor hyper-parameters: --config.<method>.<field>=...
+`--mesh=DATAxMODEL` (e.g. 2x4) shards the model over a device mesh.
 """
 
 import dataclasses
@@ -25,7 +26,7 @@ from ml_collections import config_flags
 
 from experiments import common
 from experiments.configs import editors as editor_configs
-from keditjax import editors, errors, models
+from keditjax import editors, errors, models, sharding
 from keditjax.evaluation import cases as cases_lib
 from keditjax.evaluation import protocols, report
 
@@ -64,6 +65,8 @@ flags.DEFINE_integer("fluency_tokens", 50, "Tokens per fluency generation.")
 flags.DEFINE_integer("scoring_batch", 64, "Rows per scoring forward pass.")
 flags.DEFINE_integer("seed", 0, "Sampling seed for fluency generations.")
 flags.DEFINE_string("output_dir", None, "Where to write results.")
+flags.DEFINE_string("mesh", None, "Shard the model over a DATAxMODEL device "
+                    "mesh, e.g. 2x4 (keditjax.sharding rules; default: one device).")
 config_flags.DEFINE_config_file("config", "experiments/configs/editors.py",
                                 "Editor hyper-parameters.")
 flags.mark_flag_as_required("output_dir")
@@ -109,13 +112,15 @@ def build(argv=None):
   if FLAGS.method != "none":
     editor = editors.get(FLAGS.method,
                          editor_configs.hparams_from(FLAGS.config, FLAGS.method))
-  return protocol, cases, heldout, editor
+  return protocol, cases, heldout, editor, sharding.mesh_from_flag(FLAGS.mesh)
 
 
 def main(argv):
   common.setup()
-  protocol, cases, heldout, editor = build(argv)
+  protocol, cases, heldout, editor, mesh = build(argv)
   model = models.load(FLAGS.model)
+  if mesh is not None:
+    model = sharding.shard_model(model, mesh)
   results = protocols.run(model, editor, cases, protocol, heldout=heldout)
   results["command"] = {"model": FLAGS.model, "dataset": FLAGS.dataset,
                         "data_path": FLAGS.data_path, "start": FLAGS.start,

@@ -14,6 +14,11 @@ Batches are split over "data". A batch the data axis does not divide is
 padded (by repeating its last row) and the outputs sliced back, so callers
 never see the padding; only patching `Sites` with an indivisible batch raises
 `ShardingError` (their values may carry a batch dimension we cannot pad).
+
+Editors take a `shard_model` model as any other: their jitted passes run on
+the sharded params (GSPMD), every leaf they write keeps its layout
+(`editors.base.replace_leaves`), and the key statistics run on the model's
+mesh, so a model too large for one device is edited in place.
 """
 
 from __future__ import annotations
@@ -98,6 +103,31 @@ def make_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:
   if devices is not None:
     return Mesh(np.array(pool).reshape(data, model), AXES, axis_types=auto)
   return jax.make_mesh((data, model), AXES, auto, devices=pool)
+
+
+def parse_mesh(spec: str) -> tuple[int, int]:
+  """`"DATAxMODEL"` (a launcher's `--mesh`, e.g. "2x4") -> `(data, model)`.
+
+  Raises:
+    ShardingError: not two positive integers joined by "x".
+  """
+  match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(spec))
+  if not match or min(int(g) for g in match.groups()) < 1:
+    raise errors.ShardingError(
+        f"mesh={spec!r}: use DATAxMODEL with two positive integers, e.g. "
+        "'2x4' (2-way data, 4-way model parallel) or '8x1'.")
+  return int(match[1]), int(match[2])
+
+
+def mesh_from_flag(spec: str | None) -> Mesh | None:
+  """The mesh a launcher's `--mesh=DATAxMODEL` asks for (None: no flag).
+
+  Raises:
+    ShardingError: a malformed spec, or a shape the devices do not fit.
+  """
+  if spec is None or not str(spec).strip():
+    return None
+  return make_mesh(*parse_mesh(spec))
 
 
 def fit_spec(spec: P, shape, mesh: Mesh, path: str = "") -> P:
@@ -234,7 +264,9 @@ class ShardedLanguageModel(lm.LanguageModel):
 
   `apply` and `score` run the sharded forward (batches split over "data");
   `generate` runs the ordinary jitted decoder on the sharded params, and XLA
-  propagates their shardings.
+  propagates their shardings. Editors take it as any model: the leaves they
+  write keep their shardings (`editors.base.keep_sharding`) and statistics
+  run on `mesh` (`editors.rome.stats_placement`).
   """
 
   def __init__(self, model: lm.LanguageModel, mesh: Mesh, rules=DEFAULT_RULES):

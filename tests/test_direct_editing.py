@@ -382,3 +382,19 @@ def test_memit_keys_average_per_context_type_like_the_reference(model):
   assert not np.allclose(want, per.mean(1), atol=1e-4)  # the old flat mean
   with pytest.raises(errors.ConfigError, match="key_weighting"):
     editors.get("memit", key_weighting="mean")
+
+
+def test_rome_edits_the_last_layer_scanned_or_not(model):
+  """No blocks above the edit layer: the scanned default runs (no empty
+  stack) and equals the unrolled loop."""
+  last = model.config.num_layers - 1
+  got = []
+  for scan in (True, False):
+    editor = editors.get("rome", layer=last, use_covariance=False, v_steps=5,
+                         v_scan_layers=scan, **LOOSE)
+    state = editor.init(model, templates=TEMPLATES)
+    new_params, _, info = editor.apply(model, model.params, REQUEST, state)
+    got.append(np.asarray(base.get_leaf(
+        new_params, model.site_param(f"layer/{last}/mlp/value"))))
+    assert info.extras["delta_norm"][0] > 0
+  np.testing.assert_allclose(got[0], got[1], rtol=1e-5, atol=1e-6)

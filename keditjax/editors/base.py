@@ -414,12 +414,33 @@ def get_leaf(params, path: Sequence[str]):
   return node
 
 
+def keep_sharding(new, old):
+  """`new` placed like `old` when `old` is an array spread over devices.
+
+  An edit of a sharded model (`keditjax.sharding.shard_model`) must leave
+  each leaf where the sharding rules put it: a new kernel built from host
+  arrays or an unconstrained computation would otherwise land on one device
+  (and a 7B model's edited leaves would gather there). Single-device and
+  traced leaves, and a `new` of another shape, are returned unchanged.
+  """
+  if (not isinstance(old, jax.Array) or isinstance(old, jax.core.Tracer)
+      or isinstance(new, jax.core.Tracer)
+      or len(old.sharding.device_set) < 2 or np.shape(new) != old.shape):
+    return new
+  if isinstance(new, jax.Array) and new.sharding.is_equivalent_to(
+      old.sharding, old.ndim):
+    return new
+  return jax.device_put(new, old.sharding)
+
+
 def replace_leaves(params, updates: Mapping[tuple, Any], *,
                    allow_new: bool = False):
   """A new pytree with `updates` (path tuple -> array) replacing leaves.
 
   Only the dicts on the way to a replaced leaf are copied; every other leaf
-  is shared with `params`, which is left untouched.
+  is shared with `params`, which is left untouched. A replaced leaf keeps
+  the sharding of the leaf it replaces when that one spans several devices
+  (`keep_sharding`), so editing a sharded model keeps it sharded.
 
   Args:
     params: a nested dict pytree.
@@ -440,7 +461,7 @@ def replace_leaves(params, updates: Mapping[tuple, Any], *,
     for key in dict.fromkeys(p[len(prefix)] for p in below):
       path = prefix + (key,)
       if path in updates:
-        out[key] = updates[path]
+        out[key] = keep_sharding(updates[path], node.get(key))
       else:
         child = node.get(key, {}) if isinstance(node, Mapping) else {}
         if not isinstance(child, Mapping):

@@ -313,7 +313,9 @@ class ValueHParams:
       long reached, so "loss" usually runs every step for nothing.
     compute_dtype: "float32", or "bfloat16" for the network's matmuls
       (forward and backward; float32 accumulation, norms, softmax and loss;
-      see `keditjax.models.precision`).
+      see `keditjax.models.precision`). The editors' `v_compute_dtype`
+      may also be "auto", which `value_hparams` resolves
+      (`precision.resolve`: bfloat16 only with native bfloat16 matmuls).
     scan_layers: run the prefix pass and the blocks above the edit layer
       as one `lax.scan` each (`lm.prefill_scanned`, `lm.run_scanned`):
       traces and compiles about twice as fast (a ROME edit meeting a new
@@ -569,7 +571,8 @@ def optimize_values(model, params, requests, templates, *, layer: int,
   # Scanned: the blocks above `layer` stacked once (in the compute dtype),
   # only the blocks up to `layer` rounded in place. Unrolled: every kernel.
   blocks = None
-  if hp.scan_layers and not adapters_lib.has_adapters(params):
+  if (hp.scan_layers and not adapters_lib.has_adapters(params)
+      and layer + 1 < config.num_layers):  # (no blocks above the last)
     blocks = stacked_blocks(config, params, start=layer + 1,
                             compute_dtype=hp.compute_dtype)
     params = precision.cast_kernels(params, hp.compute_dtype, max_layer=layer)

@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from keditjax import errors
 from keditjax.editors import base
@@ -305,6 +306,17 @@ def _prefix(config, params, tokens, mask, last, *, layer, names):
   return hidden, out
 
 
+def _placed(model, adapter):
+  """The codebook replicated over a sharded model's mesh (`model.mesh`): it
+  is small next to the weights, and the sharded forward pass takes adapters
+  replicated. Unchanged for an unsharded model."""
+  mesh = getattr(model, "mesh", None)
+  if mesh is None:
+    return adapter
+  return dataclasses.replace(adapter, params=jax.device_put(
+      adapter.params, NamedSharding(mesh, PartitionSpec())))
+
+
 # -- the editor --------------------------------------------------------------
 
 @jax.tree_util.register_dataclass
@@ -402,7 +414,8 @@ def grace(hparams: GraceHParams = GraceHParams()):
                                       x["mask"].shape[1])), x["where"], x["targets"], x["tmask"],
             jnp.asarray(v0), layer=layer, steps=hparams.steps, lr=hparams.lr,
             stop_nll=hparams.stop_nll)
-      adapter = adapters_lib.set_slot(adapter, entry, values=value)
+      adapter = _placed(model, adapters_lib.set_slot(adapter, entry,
+                                                     values=value))
       new_params = adapters_lib.put(new_params, site(hparams), KIND, adapter)
       count += 1
       records.append(base.EditRecord(

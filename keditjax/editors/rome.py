@@ -90,6 +90,23 @@ class RomeState:
   covariance: np.ndarray | None = None
 
 
+def stats_placement(model) -> dict:
+  """`keditjax.stats` arguments that keep a sharded model's layout.
+
+  A `sharding.ShardedLanguageModel` has its `mesh`: the statistics run on
+  it (weights where the model's rules put them, batches over "data",
+  `batch_size` rounded up to a multiple of the data axis) instead of the
+  default all-devices data mesh, which would replicate every weight.
+  """
+  mesh = getattr(model, "mesh", None)
+  if mesh is None:
+    return {}
+  from keditjax import stats
+  data = mesh.shape["data"]
+  return {"mesh": mesh,
+          "batch_size": -(-stats.DEFAULT_BATCH_SIZE // data) * data}
+
+
 def load_covariance(model, params, layers, hp, covariance=None, *,
                     rcond: float = 0.0) -> dict:
   """C for each layer: the one given, or from `keditjax.stats` (cached).
@@ -107,7 +124,8 @@ def load_covariance(model, params, layers, hp, covariance=None, *,
     from keditjax import stats
     covariance = stats.second_moments(
         model, layers, params=params, corpus=hp.mom2_corpus,
-        num_tokens=hp.mom2_tokens, dtype=hp.mom2_dtype)
+        num_tokens=hp.mom2_tokens, dtype=hp.mom2_dtype,
+        **stats_placement(model))
   f = model.config.intermediate_size
   out = {}
   for layer in layers:

@@ -97,7 +97,7 @@ class GPTJLM(nn.Module):
       new_layers[i] = new_layer_cache
     new_cache = layers.finish_cache(cache, new_layers, cache_pos,
                                     shape_src.shape[1])
-    if stop < c.num_layers:
+    if stop_layer is not None:  # the residual stream, even after the last block
       return x_BxLxD, out, new_cache
     x_BxLxD = layers.gather_positions(x_BxLxD, logit_positions)
     x_BxLxD = layers.layer_norm(c, "ln_f")(x_BxLxD)
