@@ -27,7 +27,7 @@ from absl import app, flags, logging
 
 from experiments import bench_arch, bench_edit, bench_train
 from experiments import common  # noqa: F401  (defines --compilation_cache)
-from keditjax import compilation_cache, models
+from keditjax import compilation_cache, memory, models
 from keditjax.models import precision
 from keditjax.models import lm
 
@@ -152,6 +152,7 @@ TASKS = {"score": bench_score, "forward": bench_forward, "generate": bench_gener
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # keep the output to results
+  memory.tune_allocator()  # as every launcher does (experiments.common)
   # Off unless asked for: compile times are measured, not read from disk.
   cache_dir = compilation_cache.enable(flags.FLAGS.compilation_cache or "off")
   model = models.load(_MODEL.value)
@@ -162,6 +163,7 @@ def main(argv):
             "compilation_cache": cache_dir,
             # What "auto" compute dtypes (ROME/MEMIT v*) resolve to here.
             "auto_compute_dtype": precision.resolve("auto"),
+            "allocator": memory.tuned(),
             "params": sum(x.size for x in jax.tree.leaves(params)), "steps": _STEPS.value,
             "results": TASKS[_TASK.value](model, params)}
   # The process's peak resident memory (Linux: KiB), model and compiles included.

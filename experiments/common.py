@@ -2,7 +2,7 @@
 
 from absl import flags, logging
 
-from keditjax import compilation_cache
+from keditjax import compilation_cache, memory
 
 _CACHE = flags.DEFINE_string(
     "compilation_cache", None,
@@ -18,5 +18,6 @@ def setup() -> str | None:
     None when disabled.
   """
   logging.set_verbosity(logging.WARNING)
+  memory.tune_allocator()  # freed activation buffers go back to the system
   return compilation_cache.enable(
       _CACHE.value if flags.FLAGS.is_parsed() else None)

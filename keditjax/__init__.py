@@ -15,8 +15,8 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = ("analysis", "compilation_cache", "data", "editors", "errors",
-               "evaluation", "kernels", "models", "progress", "sharding",
-               "stats", "training")
+               "evaluation", "kernels", "memory", "models", "progress",
+               "sharding", "stats", "training")
 __all__ = list(_SUBMODULES)
 
 

@@ -76,6 +76,7 @@ LAYERS = {
     "data": {"errors"},
     "progress": set(),
     "compilation_cache": set(),
+    "memory": set(),
     "kernels": {"errors"},
     "models": {"errors", "progress"},
     "sharding": {"errors", "models"},

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import statistics
 
 import pytest
 
@@ -642,3 +643,56 @@ def test_results_grace_paragraph_matches_its_jsons():
   seq = _load("results/grace_seq100.json")
   assert seq["steps"][-1]["extras"]["codebook_size"] == 100
   assert (f"took {seq['timing']['edit_seconds_median']:.2f} s (median" in text)
+
+
+def _rome_edit_summary(rel):
+  """The numbers the README's AVX2 sentence quotes from one edit benchmark."""
+  [r] = _load(rel)["results"]
+  fresh = {row["process"]: row for row in r["fresh_processes"]}
+  return {"rss": max([r["peak_rss_mb"]] + [f["peak_rss_mb"] for f in fresh.values()]),
+          "compiled": r["edits_that_compiled"], "steady": r["steady_s"],
+          "empty": statistics.median(fresh["empty cache"]["edit_s"]),
+          "warm": statistics.median(fresh["warm cache"]["edit_s"])}
+
+
+def test_readme_avx2_edit_benchmark_sentence_matches_its_jsons():
+  m, _ = _readme_match(
+      r"`docs/benchmarks/(edit_rome_avx2)\.json` against `docs/benchmarks/"
+      r"(edit_rome_avx2_\w+)\.json`: peak RSS ([\d,]+) MiB against ([\d,]+) "
+      r"\(the largest of the benchmark's three processes\); (\d+) of 10 edits "
+      r"met a new prompt shape against (\d+); steady edits a median ([\d.]+) s "
+      r"against ([\d.]+) s; in new processes all 10 edits a median ([\d.]+) s "
+      r"with the compilation cache empty against ([\d.]+) s, and ([\d.]+) s "
+      r"with it warm against ([\d.]+) s", "AVX2 edit benchmark sentence")
+  new = _rome_edit_summary(f"benchmarks/{m.group(1)}.json")
+  old = _rome_edit_summary(f"benchmarks/{m.group(2)}.json")
+  groups = m.groups()[2:]
+  for i, key in enumerate(("rss", "compiled", "steady", "empty", "warm")):
+    for j, summary in enumerate((new, old)):
+      cell = groups[2 * i + j]
+      if key == "compiled":
+        assert int(cell) == summary[key], (key, cell, summary[key])
+      else:
+        shown(cell.replace(",", ""), summary[key], f"{key} ({'new' if j == 0 else 'old'})")
+
+
+def test_readme_vstar_bucket_and_memory_claims_match_their_jsons():
+  m, text = _readme_match(r"(\d+) shapes cover the first ([\d,]+) CounterFact "
+                          r"records, (\d+) did before", "v* bucket sentence")
+  buckets = _load("benchmarks/vstar_buckets_avx2.json")
+  assert int(m.group(1)) == buckets["sets"]["new"]["distinct_shapes"]
+  assert int(m.group(2).replace(",", "")) == buckets["shape_records"]
+  assert int(m.group(3)) == buckets["sets"]["old"]["distinct_shapes"]
+  m = re.search(r"(\d+) MiB of temporary buffers in the loop instead of (\d+)", text)
+  assert m, "the README's v* memory claim"
+  mib = _load("benchmarks/vstar_memory_avx2.json")["mib"]
+  shown(m.group(1), mib["float32"]["_optimize"]["temp"], "float32 temp")
+  shown(m.group(2), mib["bfloat16"]["_optimize"]["temp"], "bfloat16 temp")
+
+
+def test_readme_load_memory_claim_matches_its_json():
+  m, _ = _readme_match(r"loading peaks at ([\d,]+) MiB against ([\d,]+), "
+                       r"`docs/benchmarks/load_memory_avx2\.json`", "load memory claim")
+  before, after = _load("benchmarks/load_memory_avx2.json")["runs"]
+  shown(m.group(1).replace(",", ""), after["peak_rss_mib"], "load peak now")
+  shown(m.group(2).replace(",", ""), before["peak_rss_mib"], "load peak before")

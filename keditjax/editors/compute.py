@@ -119,15 +119,17 @@ class Layout:
 
 
 # Shape buckets of the v* loop. Each new (prefix, suffix, target) shape
-# compiles `_prepare` and `_optimize` (~7 s on a 2-core CPU), while padding
-# only costs step time in proportion. On the first 2,000 CounterFact records
+# compiles `_prepare` and `_optimize` (~5 s on a 2-core CPU), while padding
+# costs step time on every edit. On the first 2,000 CounterFact records
 # (ROME's 21 templates): subject-last index 15/19/23/35 tokens (median, 90th,
 # 99th percentile, max), suffix 2-8 tokens (median 4), target 1 (89%) to 3.
-# Suffix buckets 4/6/8 and target buckets 1/3 under one prefix length (32)
-# cover them with 6 shapes (23 with the earlier 1,2,3,4,6,8 / multiples-of-16
-# buckets) for ~7% more suffix padding; the prefix is computed once per edit,
-# so its padding is nearly free.
-PREFIX_MULTIPLE = 32
+# Ten steps cost ~0.59 s more per suffix token but only ~0.06 s per prefix
+# token (docs/benchmarks/vstar_buckets_avx2.json, a least-squares fit over
+# timed edits). Suffix buckets 4/6/8 and target buckets 1/3 with the prefix
+# at multiples of 16 need 13 shapes (23 with the earlier 1,2,3,4,6,8
+# buckets) at ~7% more step time on that distribution; prefix multiples of
+# 32 would need 7 shapes but cost ~20%.
+PREFIX_MULTIPLE = 16
 SUFFIX_BUCKETS = (4, 6, 8)  # then multiples of 8
 TARGET_BUCKETS = (1, 3)  # then multiples of 4
 

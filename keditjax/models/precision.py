@@ -72,7 +72,8 @@ def resolve(name: str, backend: str | None = None,
   float32 around every matmul: no faster (the v* loop of a ROME edit on an
   AVX2 CPU: no gain, docs/benchmarks/edit_rome_cpu.json) and more memory
   (the widened copies and the custom backward's bfloat16 residuals: the v*
-  loop's temporary buffers 629 MB instead of 183 MB on SmolLM2-135M).
+  loop's temporary buffers 629 MiB instead of 183 MiB on SmolLM2-135M,
+  docs/benchmarks/vstar_memory_avx2.json).
   """
   if check_or_auto(name) != AUTO:
     return name
