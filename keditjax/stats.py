@@ -503,13 +503,9 @@ class Moments:
 def _accumulate_step(sums, params, tokens_BxL, mask_BxL, *, config, layers,
                      mesh, compute_dtype="float32"):
   """Adds one batch's `Kᵀ K` at every layer in `layers` (one partial pass)."""
-  stop = max(layers) + 1
-  heads = None
-  if stop == config.num_layers:  # the pass would end in the LM head: 1 position
-    heads = jnp.zeros((tokens_BxL.shape[0], 1), jnp.int32)
-  with precision.compute_dtype(compute_dtype):
+  with precision.compute_dtype(compute_dtype):  # an explicit stop: no LM head
     _, out, _ = lm.run(config, params, tokens_BxL, attention_mask=mask_BxL,
-                       stop_layer=stop, logit_positions=heads,
+                       stop_layer=max(layers) + 1,
                        sites=sites_lib.capture(*map(site, layers)))
   mask_N = mask_BxL.reshape(-1)
   new = []
