@@ -89,6 +89,9 @@ LAYERS = {
                 "stats", "training"},
     "evaluation": {"data", "editors", "errors", "kernels", "models",
                    "progress", "sharding", "stats", "training"},
+    # the top layer: live editing, rollback, manifests and verify.
+    "stream": {"data", "editors", "errors", "evaluation", "kernels",
+               "models", "progress", "sharding", "stats", "training"},
 }
 
 

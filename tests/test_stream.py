@@ -1,0 +1,241 @@
+"""The live model: atomic reads under a concurrent writer, micro-batches,
+refusals that do not stop the loop, and every rollback mode."""
+
+import json
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from keditjax import editors, errors
+from keditjax.editors import base
+from keditjax.models import tiny
+from keditjax.stream import live as live_lib
+from tools.make_editor_pins import spd
+
+TEMPLATES = ("{}",)
+LOOSE = dict(clamp_norm_factor=1e4, v_weight_decay=0.0,
+             v_compute_dtype="float32", v_steps=3)
+NAMES = [f"Person{i:03d}" for i in range(400)]
+
+
+@pytest.fixture(scope="module")
+def model():
+  return tiny.tiny_lm(embed_std=0.25)
+
+
+def _request(i, target=None):
+  return {"prompt": "{} lives in", "subject": NAMES[i],
+          "target_new": target or f"City{i % 7}"}
+
+
+def _rome(model):
+  ed = editors.get("rome", layer=1, **LOOSE)
+  return ed, ed.init(model, covariance=spd(128, 5), templates=TEMPLATES)
+
+
+def _leaves_equal(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(la) == len(lb) and all(
+      x.shape == y.shape and np.array_equal(np.asarray(x), np.asarray(y))
+      for x, y in zip(la, lb))
+
+
+PROBE = np.array([[256] + list(b"Person000 lives in City") + [0] * 8,
+                  [256] + list(b"Person123 lives in Rome.") + [0] * 7],
+                 np.int32)
+
+
+def test_readers_see_one_version_never_a_mixture(model):
+  """Two reader threads score a probe while the writer applies 200 ROME
+  edits; every result equals the probe under exactly one version's params
+  (recorded by `on_change`), and a version's params are never mutated."""
+  versions = {0: model.params}
+  ed, state = _rome(model)
+
+  def record(kind, snapshot, info):
+    del kind, info
+    versions[snapshot.version] = snapshot.params
+
+  live = live_lib.LiveModel(model, ed, state=state, on_change=record)
+  forward = jax.jit(lambda p: model._forward(p, jnp.asarray(PROBE))[0])
+  forward(model.params).block_until_ready()
+  reads, done = [], threading.Event()
+
+  def reader():
+    while not done.is_set():
+      snap = live.snapshot()
+      reads.append((snap.version, np.asarray(forward(snap.params))))
+      time.sleep(0.005)   # leave the writer some of the interpreter
+
+  threads = [threading.Thread(target=reader) for _ in range(2)]
+  for t in threads:
+    t.start()
+  try:
+    for i in range(200):
+      live.edit(_request(i))
+  finally:
+    done.set()
+    for t in threads:
+      t.join()
+  assert live.snapshot().version == 200 and len(versions) == 201
+  assert len(reads) >= 50
+  outputs = {v: np.asarray(forward(p)) for v, p in versions.items()}
+  seen = set()
+  for version, out in reads:
+    matches = [v for v, ref in outputs.items() if np.array_equal(out, ref)]
+    assert version in matches, (version, matches[:5])
+    seen.add(version)
+  assert len(seen) > 5  # the readers really ran while the writer wrote
+  # Consecutive versions differ (each edit is visible as a whole).
+  assert not np.array_equal(outputs[0], outputs[200])
+
+
+def test_micro_batches_and_a_bad_request_fails_alone(model):
+  """MEMIT batches what arrives within the latency budget; an invalid
+  request in a batch is refused alone and the loop keeps serving."""
+  ed = editors.get("memit", layers=(1, 2), **LOOSE)
+  state = ed.init(model, covariance={1: spd(128, 11), 2: spd(128, 12)},
+                  templates=TEMPLATES)
+  live = live_lib.LiveModel(model, ed, state=state, max_batch=4,
+                            latency_budget_s=2.0)
+  before = model.params
+  bad = {"prompt": "{} lives in", "subject": "Nobody",
+         "target_new": "x" * 400}   # longer than the context: refused
+  with live:
+    futures = [live.submit(_request(i)) for i in range(3)]
+    futures.append(live.submit(bad))
+    futures.append(live.submit("not a request"))
+    futures += [live.submit(_request(i)) for i in range(3, 6)]
+  results = []
+  for f in futures:
+    try:
+      results.append(f.result(timeout=1))
+    except errors.KeditError as e:
+      results.append(e)
+  assert isinstance(results[3], errors.InputError) and "tokens" in str(
+      results[3])
+  assert isinstance(results[4], errors.InputError)
+  applied = [r for r in results if isinstance(r, live_lib.AppliedEdit)]
+  assert len(applied) == 6 and len(live.edits) == 6
+  assert max(a.batch_size for a in applied) > 1  # batched
+  assert live.snapshot().version < 6              # fewer operations
+  assert len(live.refusals) == 2 and live.internal_errors == 0
+  assert all(a.latency_s >= 0 for a in applied)
+  assert _leaves_equal(model.params, before)      # inputs untouched
+
+
+def test_rollback_last_is_bit_exact_and_rebuild_equals_never_made(model):
+  ed, state = _rome(model)
+  live = live_lib.LiveModel(model, ed, state=state)
+  snaps = [live.snapshot()]
+  for i in range(4):
+    live.edit(_request(i))
+    snaps.append(live.snapshot())
+  ids = list(live.edits)
+  # The last edit: the params from before it, bit for bit.
+  restored = live.rollback(ids[-1])
+  assert live._operations[-1].mode == "restore"
+  assert _leaves_equal(restored.params, snaps[3].params)
+  assert restored.edit_ids == tuple(ids[:3])
+  # An older one rebuilt: exactly edits 0 and 2 applied from the start.
+  rebuilt = live.rollback(ids[1], mode="rebuild")
+  p = model.params
+  for i in (0, 2):
+    p, _, _ = ed.apply(model, p, _request(i), state)
+  assert _leaves_equal(rebuilt.params, p)
+  with pytest.raises(errors.InputError, match="already rolled back"):
+    live.rollback(ids[1])
+  with pytest.raises(errors.InputError, match="not a live edit"):
+    live.rollback("e999999")
+  with pytest.raises(errors.ConfigError, match="rollback mode"):
+    live.rollback(ids[0], mode="sideways")
+  with pytest.raises(errors.InputError, match="not the last operation"):
+    live.rollback(ids[0], mode="restore")
+
+
+def test_rollback_subtract_takes_the_declared_factors_out(model):
+  """Subtracting an older edit's factors: its leaf is W - u @ v, and the
+  factors hold the whole change."""
+  ed, state = _rome(model)
+  live = live_lib.LiveModel(model, ed, state=state)
+  (first,) = live.edit(_request(0))
+  (second,) = live.edit(_request(1))
+  (u, v), = [t.factors for t in first.record.touched]
+  path = first.record.touched[0].path
+  w = np.asarray(base.get_leaf(live.params, path))
+  snap = live.rollback(first.id, mode="subtract")
+  np.testing.assert_allclose(np.asarray(base.get_leaf(snap.params, path)),
+                             w - u @ v, atol=1e-6)
+  assert live.edits.keys() == {second.id}
+  # The factors are the whole change: subtracting the only edit gives the
+  # original params back (to float32 rounding).
+  live.rollback(second.id, mode="subtract")
+  for a, b in zip(jax.tree.leaves(live.params),
+                  jax.tree.leaves(model.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_rollback_adapter_entries_are_exact(model):
+  """GRACE: removing an older edit's codebook entry restores the unedited
+  output at its prompt and leaves the other entries' outputs bit for bit;
+  modes that cannot apply are refused."""
+  ed = editors.get("grace", layer=2, steps=5)
+  live = live_lib.LiveModel(model, ed)
+  reqs = [_request(i, target=f"Town{i}") for i in range(3)]
+  applied = [live.edit(r)[0] for r in reqs]
+  prompts = [base.make_request(r).text for r in reqs]
+  targets = [r["target_new"] for r in reqs]
+  edited = live.score(prompts, targets)
+  live.rollback(applied[0].id)
+  assert live._operations[-1].mode == "adapter"
+  after = live.score(prompts, targets)
+  unedited = model.score(model.params, prompts[:1], [" " + targets[0]])
+  np.testing.assert_array_equal(after[0], unedited[0])
+  assert after[0] != edited[0]
+  np.testing.assert_array_equal(after[1:], edited[1:])
+  with pytest.raises(errors.InputError, match="no factored delta"):
+    live.rollback(applied[1].id, mode="subtract")
+
+
+def test_follow_jsonl_feeds_the_loop_as_the_file_grows(model, tmp_path):
+  path = tmp_path / "edits.jsonl"
+  ed, state = _rome(model)
+  live = live_lib.LiveModel(model, ed, state=state)
+  stop = threading.Event()
+
+  def writer():
+    with open(path, "w") as f:
+      for i in range(3):
+        f.write(json.dumps(_request(i)) + "\n")
+        f.flush()
+        time.sleep(0.05)
+      f.write("{not json\n")
+      f.write(json.dumps(_request(3))[:10])   # a partial line, then the rest
+      f.flush()
+      time.sleep(0.1)
+      f.write(json.dumps(_request(3))[10:] + "\n")
+
+  t = threading.Thread(target=writer)
+  t.start()
+  with live:
+    futures = live.feed(live_lib.follow_jsonl(str(path), poll_s=0.02,
+                                              stop=stop, idle_timeout_s=1.0))
+  t.join()
+  outcomes = []
+  for f in futures:
+    outcomes.append("ok" if f.exception() is None else "refused")
+  assert outcomes == ["ok", "ok", "ok", "refused", "ok"]
+  assert len(live.edits) == 4 and "not JSON" in live.refusals[0].error
+  assert path.read_text().count("\n") == 5   # the file is only read
+
+
+def test_bad_settings_fail_before_work(model):
+  ed, state = _rome(model)
+  with pytest.raises(errors.ConfigError, match="max_batch"):
+    live_lib.LiveModel(model, ed, state=state, max_batch=0)
+  with pytest.raises(errors.ConfigError, match="latency_budget_s"):
+    live_lib.LiveModel(model, ed, state=state, latency_budget_s=float("nan"))
