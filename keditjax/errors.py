@@ -48,3 +48,8 @@ class InputError(KeditError, ValueError):
 
 class ShardingError(KeditError):
   """A mesh or sharding rule cannot be built or applied."""
+
+
+class VerifyError(KeditError):
+  """An edited checkpoint cannot be verified: no manifest, an unknown format
+  version, or a base model other than the one its manifest names."""
