@@ -239,3 +239,31 @@ def test_bad_settings_fail_before_work(model):
     live_lib.LiveModel(model, ed, state=state, max_batch=0)
   with pytest.raises(errors.ConfigError, match="latency_budget_s"):
     live_lib.LiveModel(model, ed, state=state, latency_budget_s=float("nan"))
+
+
+def test_saved_live_model_verifies_after_edits_and_rollbacks(model, tmp_path):
+  """The live model's manifest follows applies and every rollback mode:
+  the saved checkpoint verifies against the base, and a rollback the
+  manifest did not hear of is caught."""
+  from keditjax.stream import manifest as manifest_lib
+  from keditjax.stream import verify as verify_lib
+  ed, state = _rome(model)
+  live = live_lib.LiveModel(model, ed, state=state)
+  ids = [live.edit(_request(i))[0].id for i in range(4)]
+  live.rollback(ids[1], mode="subtract")
+  live.rollback(ids[0], mode="rebuild")
+  live.rollback(ids[3])
+  # The rebuild restarted the manifest from the base with edits 2 and 3
+  # re-applied (edit 1's subtraction gone with it); edit 3 then subtracted.
+  assert [op.kind for op in live.manifest.operations] == [
+      "apply", "apply", "rollback"]
+  live.save(str(tmp_path / "ok"), key=b"secret")
+  report = verify_lib.verify(model.params, str(tmp_path / "ok"),
+                             key=b"secret")
+  assert report.ok, report.summary()
+  # The same params with a manifest that does not declare the last
+  # rollback (edit 3 still listed as applied) do not verify.
+  forged = live.manifest.prefix(2)
+  manifest_lib.save_edited(str(tmp_path / "bad"), model, live.params, forged)
+  report = verify_lib.verify(model.params, str(tmp_path / "bad"))
+  assert not report.ok and "layers_1" in report.summary()

@@ -59,6 +59,7 @@ import numpy as np
 from keditjax import errors
 from keditjax import editors as editors_lib
 from keditjax.editors import base
+from keditjax.stream import manifest as manifest_lib
 
 ROLLBACK_MODES = ("auto", "restore", "adapter", "subtract", "rebuild")
 
@@ -135,13 +136,19 @@ class LiveModel:
     latency_budget_s: how long the worker waits after a batch's first
       request for more to join it (editors that batch).
     on_change: called as `on_change(kind, snapshot, info)` after every
-      swap, in the writer's thread (e.g. to extend a manifest).
+      swap, in the writer's thread.
+    track_manifest: keep an edit manifest (`keditjax.stream.manifest`) of
+      every operation, for `save` and `verify`. It holds each operation's
+      declared deltas: factors for ROME/MEMIT/AlphaEdit (small), the whole
+      changed leaves for methods without factors (fine-tuning, UltraEdit:
+      memory grows by those leaves per operation).
   """
 
   def __init__(self, model, editor, *, params=None, state=None,
                init_inputs=None, max_batch: int = 8,
                latency_budget_s: float = 0.5,
-               on_change: Callable | None = None):
+               on_change: Callable | None = None,
+               track_manifest: bool = True):
     if int(max_batch) < 1:
       raise errors.ConfigError(f"max_batch={max_batch} must be >= 1.")
     if not (isinstance(latency_budget_s, (int, float)) and
@@ -161,9 +168,14 @@ class LiveModel:
       state = editor.init(model, params, **dict(init_inputs or {}))
     self._snapshot = Snapshot(params, 0, ())
     self._state = state
-    # Rebuilds start from here: (params, state, operations so far).
-    self._checkpoint = (params, state, 0)
-    self._previous = None      # (params, state) before the last operation
+    self.manifest = (manifest_lib.Manifest.start(model, params)
+                     if track_manifest else None)
+    # Rebuilds start from here: (params, state, operations so far,
+    # manifest).
+    self._checkpoint = (params, state, 0, self.manifest)
+    # (params, state, manifest) before the last operation, when it was an
+    # apply.
+    self._previous = None
     self._operations: list[_Operation] = []
     self._edits: dict[str, AppliedEdit] = {}
     self._rolled_back: set[str] = set()
@@ -227,11 +239,13 @@ class LiveModel:
       new_params, new_state, info = self.editor.apply(
           self.model, snap.params, list(validated), self._state)
       _check_finite(info)
+      manifest = self._declare(self.manifest, info, snap.params, new_params)
       ids = tuple(f"e{next(self._ids):06d}" for _ in validated)
       op = len(self._operations)
       self._operations.append(_Operation("apply", ids, tuple(validated)))
-      self._previous = (snap.params, self._state)
+      self._previous = (snap.params, self._state, self.manifest)
       self._state = new_state
+      self.manifest = manifest
       visible_ids = snap.edit_ids + ids
       new_snap = Snapshot(new_params, snap.version + 1, visible_ids)
       self._snapshot = new_snap   # the swap: readers see it from here
@@ -251,7 +265,7 @@ class LiveModel:
     from (edits before it can then only be subtracted or removed)."""
     with self._write_lock:
       self._checkpoint = (self._snapshot.params, self._state,
-                          len(self._operations))
+                          len(self._operations), self.manifest)
 
   def rollback(self, edit_id: str, mode: str = "auto") -> Snapshot:
     """Takes one edit out (see the module docstring for the modes).
@@ -279,16 +293,21 @@ class LiveModel:
       edit = self._edits[edit_id]
       mode = self._choose_mode(edit, mode)
       snap = self._snapshot
+      manifest = self.manifest
       if mode == "restore":
-        params, state = self._previous
+        params, state, manifest = self._previous
       elif mode == "adapter":
         params, state = self._remove_adapters(snap.params, edit), self._state
       elif mode == "subtract":
         params, state = _subtract(snap.params, edit.record), self._state
+      if mode in ("adapter", "subtract") and manifest is not None:
+        manifest = manifest.with_rollback(edit.record.id, snap.params, params,
+                                          mode)
+      if mode == "rebuild":
+        params, state, manifest = self._rebuild(edit)
       self._rolled_back.add(edit_id)
       del self._edits[edit_id]
-      if mode == "rebuild":
-        params, state = self._rebuild(edit)
+      self.manifest = manifest
       self._operations.append(_Operation("rollback", (edit_id,), mode=mode))
       self._previous = None   # "restore" undoes an apply, not a rollback
       self._state = state
@@ -352,22 +371,50 @@ class LiveModel:
     its original grouping, without rolled-back edits."""
     last = len(self._operations) - 1
     if edit.operation == last and self._previous is not None:
-      (params, state), start = self._previous, last
+      (params, state, manifest), start = self._previous, last
     else:
-      (params, state, start) = self._checkpoint
+      params, state, start, manifest = self._checkpoint
+    records = {}
     for op in self._operations[start:]:
       if op.kind != "apply":
         continue
       keep = [(i, r) for i, r in zip(op.edit_ids, op.requests)
-              if i not in self._rolled_back]
+              if i != edit.id and i not in self._rolled_back]
       if not keep:
         continue
-      params, state, info = self.editor.apply(
+      new_params, state, info = self.editor.apply(
           self.model, params, [r for _, r in keep], state)
       _check_finite(info)
+      manifest = self._declare(manifest, info, params, new_params)
+      params = new_params
       for (i, _), record in zip(keep, info.records or [None] * len(keep)):
-        self._edits[i] = dataclasses.replace(self._edits[i], record=record)
-    return params, state
+        records[i] = record
+    # Only now that every re-apply succeeded do the records change.
+    for i, record in records.items():
+      self._edits[i] = dataclasses.replace(self._edits[i], record=record)
+    return params, state, manifest
+
+  def _declare(self, manifest, info, before, after):
+    """`manifest` plus one apply call (None when not tracking)."""
+    if manifest is None:
+      return None
+    return manifest.with_apply(self.editor, info, before, after)
+
+  def save(self, directory: str, *, key=None, overwrite: bool = False) -> str:
+    """Saves the current params with their manifest
+    (`keditjax.stream.manifest.save_edited`; `key` signs it).
+
+    Raises:
+      ConfigError: the live model does not track a manifest.
+    """
+    with self._write_lock:
+      if self.manifest is None:
+        raise errors.ConfigError(
+            "this LiveModel was made with track_manifest=False; it has no "
+            "manifest to save.")
+      return manifest_lib.save_edited(directory, self.model,
+                                      self._snapshot.params, self.manifest,
+                                      key=key, overwrite=overwrite)
 
   # -- the queue -----------------------------------------------------------------
   def submit(self, request) -> concurrent.futures.Future:
