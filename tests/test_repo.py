@@ -195,3 +195,22 @@ def test_import_keditjax_is_light_and_exposes_submodules_lazily():
   with pytest.raises(AttributeError, match="no attribute 'nope'"):
     keditjax.nope  # pylint: disable=pointless-statement
   assert {"models", "editors", "evaluation", "data"} <= set(dir(keditjax))
+
+
+def test_stream_and_verify_notebook_runs_top_to_bottom():
+  """colab/stream_and_verify.ipynb: live edits under a reader, rollback,
+  save, verify OK, then three tamperings each reported (QUICK mode)."""
+  nb = _run_notebook("stream_and_verify.ipynb", os.path.join(ROOT, "colab"))
+  text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                   for o in c.outputs)
+  assert "backend: cpu" in text
+  assert "last edit rolled back bit for bit: True" in text
+  reports = [l for l in text.splitlines() if ": OK" in l or "FAILED" in l]
+  assert len(reports) == 4 and ": OK" in reports[0], reports
+  assert all("FAILED" in r for r in reports[1:]), reports
+  assert "layers.3" in text or "layers_3" in text      # the flipped byte
+  assert "rank 1" in text                              # the hidden edit
+  assert "signature" in text.lower()
+  images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+            if "image/png" in o.get("data", {})]
+  assert images, "the reader's plot cell drew nothing"

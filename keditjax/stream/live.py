@@ -402,7 +402,8 @@ class LiveModel:
 
   def save(self, directory: str, *, key=None, overwrite: bool = False) -> str:
     """Saves the current params with their manifest
-    (`keditjax.stream.manifest.save_edited`; `key` signs it).
+    (`keditjax.stream.manifest.save_edited`; `key` signs it) and returns
+    `directory`.
 
     Raises:
       ConfigError: the live model does not track a manifest.
@@ -412,9 +413,10 @@ class LiveModel:
         raise errors.ConfigError(
             "this LiveModel was made with track_manifest=False; it has no "
             "manifest to save.")
-      return manifest_lib.save_edited(directory, self.model,
-                                      self._snapshot.params, self.manifest,
-                                      key=key, overwrite=overwrite)
+      self.manifest = manifest_lib.save_edited(
+          directory, self.model, self._snapshot.params, self.manifest,
+          key=key, overwrite=overwrite)   # now with its `after` hashes
+    return directory
 
   # -- the queue -----------------------------------------------------------------
   def submit(self, request) -> concurrent.futures.Future:
