@@ -421,7 +421,11 @@ class LiveModel:
   # -- the queue -----------------------------------------------------------------
   def submit(self, request) -> concurrent.futures.Future:
     """Queues one request for the worker; its future resolves to the
-    `AppliedEdit`, or raises why it was refused. Never raises itself."""
+    `AppliedEdit`, or raises why it was refused. Never raises itself.
+
+    A list or tuple is a group: its requests are applied together in one
+    operation (all or none), and the future resolves to their
+    `AppliedEdit`s."""
     future: concurrent.futures.Future = concurrent.futures.Future()
     self._queue.put((request, future, time.time()))
     return future
@@ -473,6 +477,7 @@ class LiveModel:
       self._apply_batch(batch)
 
   def _refuse(self, request, future, arrived, error) -> None:
+    self._count_internal(error)
     self.refusals.append(Refusal(request, f"{type(error).__name__}: {error}",
                                  arrived))
     future.set_exception(error)
@@ -483,31 +488,36 @@ class LiveModel:
     for request, future, arrived in batch:
       if isinstance(request, errors.KeditError):  # e.g. a bad JSONL line
         self._refuse(request, future, arrived, request)
-        continue
+      elif isinstance(request, (list, tuple)):     # a group: on its own
+        self._apply_group(request, future, arrived)
+      else:
+        try:
+          ready.append((base.make_request(request), future, arrived))
+        except Exception as e:  # pylint: disable=broad-except
+          self._refuse(request, future, arrived, e)
+    if len(ready) > 1:
       try:
-        ready.append((base.make_request(request), future, arrived))
-      except Exception as e:  # pylint: disable=broad-except
-        self._count_internal(e)
-        self._refuse(request, future, arrived, e)
-    if not ready:
-      return
-    groups = [ready] if len(ready) > 1 else []
-    groups += [[item] for item in ready] if len(ready) > 1 else [ready]
-    for group in groups:
+        applied = self.edit([r for r, _, _ in ready],
+                            arrived=min(a for _, _, a in ready))
+      except Exception:  # pylint: disable=broad-except
+        pass            # retried one by one: a bad request fails alone
+      else:
+        for (_, future, arrived), a in zip(ready, applied):
+          future.set_result(dataclasses.replace(a, arrived=arrived))
+        return
+    for request, future, arrived in ready:
       try:
-        applied = self.edit([r for r, _, _ in group],
-                            arrived=min(a for _, _, a in group))
+        (applied,) = self.edit([request], arrived=arrived)
       except Exception as e:  # pylint: disable=broad-except
-        if len(group) > 1:
-          continue          # try each alone: one bad request fails alone
-        self._count_internal(e)
-        request, future, arrived = group[0]
         self._refuse(request, future, arrived, e)
-        continue
-      for (_, future, arrived), a in zip(group, applied):
-        future.set_result(dataclasses.replace(a, arrived=arrived))
-      if len(group) > 1:
-        return              # the whole batch went in together
+      else:
+        future.set_result(applied)
+
+  def _apply_group(self, requests, future, arrived) -> None:
+    try:
+      future.set_result(self.edit(list(requests), arrived=arrived))
+    except Exception as e:  # pylint: disable=broad-except
+      self._refuse(requests, future, arrived, e)
 
   def _count_internal(self, error) -> None:
     if not isinstance(error, errors.KeditError):
