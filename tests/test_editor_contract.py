@@ -38,32 +38,34 @@ def _alpha_cov():
   return worker.setup()[2]
 
 
-def build(name, model):
-  """`(editor, state)` of `name` on the tiny model (no trained networks)."""
+def build(name, model, **overrides):
+  """`(editor, state)` of `name` on the tiny model (no trained networks);
+  `overrides` replace hyper-parameters (tests/test_fuzz.py)."""
+  def get(method, **hp):
+    return editors.get(method, **dict(hp, **overrides))
   covs = {1: spd(128, 11), 2: spd(128, 12)}
   if name == "rome":
-    ed = editors.get("rome", layer=1, **LOOSE)
+    ed = get("rome", layer=1, **LOOSE)
     return ed, ed.init(model, covariance=spd(128, 5), templates=TEMPLATES)
   if name == "memit":
-    ed = editors.get("memit", layers=(1, 2), **LOOSE)
+    ed = get("memit", layers=(1, 2), **LOOSE)
     return ed, ed.init(model, covariance=covs, templates=TEMPLATES)
   if name == "alphaedit":
-    ed = editors.get("alphaedit", layers=(1, 2), l2=1e-2, **LOOSE)
+    ed = get("alphaedit", layers=(1, 2), l2=1e-2, **LOOSE)
     return ed, ed.init(model, covariance=_alpha_cov(), templates=TEMPLATES)
   if name in ("ft", "ftl"):
-    ed = editors.get(name, params_regex=DOWN1, steps=3)
+    ed = get(name, params_regex=DOWN1, steps=3)
     return ed, ed.init(model)
   if name == "ftkl":
-    ed = editors.get("ftkl", params_regex=DOWN1, steps=3, kl_examples=2)
+    ed = get("ftkl", params_regex=DOWN1, steps=3, kl_examples=2)
     return ed, ed.init(model, kl_inputs=TEXTS)
   if name == "ewc":
-    ed = editors.get("ewc", params_regex=DOWN1, steps=3, fisher_examples=4,
-                     fisher_batch=4, fisher_chunk=4, fisher_length=16,
-                     online=True)
+    ed = get("ewc", params_regex=DOWN1, steps=3, fisher_examples=4,
+             fisher_batch=4, fisher_chunk=4, fisher_length=16, online=True)
     return ed, ed.init(model, fisher_data=TEXTS, progress=False,
                        use_cache=False)
   if name == "kn":
-    ed = editors.get("kn", layers=(1,), steps=2, max_neurons=2)
+    ed = get("kn", layers=(1,), steps=2, max_neurons=2)
     return ed, ed.init(model)
   if name == "mend":
     width = model.config.hidden_size + model.config.intermediate_size
@@ -73,17 +75,25 @@ def build(name, model):
                         init_lr=1e-3)
     norm = {"mean": np.zeros((2, width), np.float32),
             "std": np.ones((2, width), np.float32)}
-    ed = editors.get("mend", layers=(2, 3), rank=4)
+    ed = get("mend", layers=(2, 3), rank=4)
     return ed, ed.init(model, trained=(net, norm))
   if name == "ultraedit":
-    ed = editors.get("ultraedit", layers=(2, 3))
+    ed = get("ultraedit", layers=(2, 3))
     return ed, ed.init(model)
   if name == "tpatcher":
-    ed = editors.get("tpatcher", layer=3, memory_size=64, memory_task="",
-                     steps=5, capacity=2)
+    ed = get("tpatcher", layer=3, memory_size=64, memory_task="", steps=5,
+             capacity=2)
     return ed, ed.init(model)
   if name == "serac":
-    ed = editors.get("serac")
+    ed = get("serac")
+    return ed, ed.init(model)
+  if name == "grace":
+    ed = get("grace", layer=2, eps_factor=0.05, steps=5, lr=0.5)
+    return ed, ed.init(model)
+  if name == "wise":
+    ed = get("wise", layer=2, num_contexts=1, num_negatives=4,
+             negative_length=17, steps=5, save_freq=500, hard_negatives=0,
+             locality_prompts=0)
     return ed, ed.init(model)
   raise ValueError(name)
 

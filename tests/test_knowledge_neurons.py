@@ -252,7 +252,7 @@ def test_bad_input_is_refused_before_any_work(model, monkeypatch):
       editor.apply(model, model.params, bad, state)
   tokless = copy.copy(model)
   tokless.tokenizer = _CountingTokenizer(model.tokenizer)
-  for bad in (dict(good, target_new="empty"),
+  for bad in (dict(good, subject="t41", target_new="empty"),  # no conflict
               dict(good, ground_truth="empty")):
     with pytest.raises(errors.InputError, match="tokenizes to nothing"):
       editor.apply(tokless, model.params, [good, bad], state)

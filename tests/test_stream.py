@@ -267,3 +267,45 @@ def test_saved_live_model_verifies_after_edits_and_rollbacks(model, tmp_path):
   manifest_lib.save_edited(str(tmp_path / "bad"), model, live.params, forged)
   report = verify_lib.verify(model.params, str(tmp_path / "bad"))
   assert not report.ok and "layers_1" in report.summary()
+
+
+def test_the_loop_survives_a_thousand_fuzzed_requests(model):
+  """1,000 generated requests (tests/fuzz_cases.py: empty, huge, non-UTF-8
+  and unicode-heavy text, subjects not in the prompt, wrong types,
+  duplicates, ...) through `submit`: each is applied or refused with a
+  `keditjax` error naming the problem, the loop keeps serving (a valid edit
+  after them still lands), and the final params are exactly the applied
+  requests replayed from the base: refused ones left no trace."""
+  from tests import fuzz_cases
+  ed, state = _rome(model)
+  live = live_lib.LiveModel(model, ed, state=state)
+  cases = fuzz_cases.generate(1000, seed=11, max_valid=25)
+  with live:
+    futures = [live.submit(c.requests) for c in cases]
+    last = live.submit(_request(0))
+  outcomes, failures = {"applied": 0, "refused": 0}, []
+  applied = []
+  for case, future in zip(cases, futures):
+    error = future.exception()
+    if error is None:
+      outcomes["applied"] += 1
+      result = future.result()   # a group (a list) resolves to a list
+      applied.append(result if isinstance(result, list) else [result])
+      if case.expect == "refused":
+        failures.append(f"{case.kind}: accepted, should be refused")
+      continue
+    outcomes["refused"] += 1
+    if not isinstance(error, errors.KeditError):
+      failures.append(f"{case.kind}: {type(error).__name__}: {error}")
+    elif case.expect == "ok":
+      failures.append(f"{case.kind}: valid request refused: {error}")
+    elif case.words and not any(w in str(error).lower() for w in case.words):
+      failures.append(f"{case.kind}: names none of {case.words}: {error}")
+  assert not failures, "\n".join(failures[:20])
+  assert last.result().id in live.edits and live.internal_errors == 0
+  assert outcomes["refused"] >= 900 and outcomes["applied"] >= 1
+  print("loop fuzz:", outcomes, "of", len(cases))
+  p = model.params
+  for group in applied + [[last.result()]]:
+    p, _, _ = ed.apply(model, p, [a.request for a in group], state)
+  assert _leaves_equal(live.params, p)

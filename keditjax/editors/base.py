@@ -54,15 +54,44 @@ class Request:
     return self.prompt.format(self.subject)
 
 
-def _target(text):
+def _target(text, field: str = "target_new"):
   """A target as it follows a prompt: with exactly one leading space."""
   if text is None:
     return None
   if isinstance(text, Mapping):  # ROME's {"str": ..., "id": ...}
     text = text.get("str")
   if not isinstance(text, str):
-    raise errors.InputError(f"a target must be a string, got {text!r}.")
+    raise errors.InputError(
+        f"{field} must be a string, got {type(text).__name__} {text!r:.80}.")
   return text if text.startswith(" ") else " " + text
+
+
+def _check_text(case_id, field: str, text) -> None:
+  """`text` can be encoded (tokenizers take UTF-8: a lone surrogate such as
+  '\\ud800' cannot be)."""
+  if not isinstance(text, str):
+    return
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise errors.InputError(
+        f"request {case_id!r}: {field} is not valid UTF-8 text (a lone "
+        f"surrogate {text[e.start]!r} at index {e.start}).") from None
+
+
+def _rewrite_fields(item: Mapping) -> dict:
+  """Our fields from ROME's `{"requested_rewrite": {...}}` layout."""
+  rewrite = item["requested_rewrite"]
+  if isinstance(rewrite, list) and rewrite:
+    rewrite = rewrite[0]
+  if not isinstance(rewrite, Mapping):
+    raise errors.InputError(
+        f"request {item.get('case_id')!r}: requested_rewrite must be a dict "
+        f"(or a list holding one), got {rewrite!r:.80}.")
+  return dict(prompt=rewrite.get("prompt"), subject=rewrite.get("subject"),
+              target_new=rewrite.get("target_new"),
+              target_true=rewrite.get("target_true"),
+              case_id=item.get("case_id"))
 
 
 def make_request(item) -> Request:
@@ -70,22 +99,19 @@ def make_request(item) -> Request:
 
   Accepts our fields, the flattened CounterFact/EasyEdit layout (`prompt`
   with the subject written out, `target_new`, `ground_truth`), and ROME's
-  original `{"requested_rewrite": {...}}` layout.
+  original `{"requested_rewrite": {...}}` layout. The prompt template holds
+  exactly one `{}` and no other brace (`str.format` and the editors'
+  template splitting would read one differently).
 
   Raises:
-    InputError: empty subject or target, or a subject not in the prompt.
+    InputError: a field of the wrong type, empty or not valid UTF-8, a
+      subject not in the prompt, or a template with other braces.
   """
   if isinstance(item, Request):
     fields = dataclasses.asdict(item)
   elif isinstance(item, Mapping):
     if "requested_rewrite" in item:
-      rewrite = item["requested_rewrite"]
-      rewrite = rewrite[0] if isinstance(rewrite, list) else rewrite
-      fields = dict(prompt=rewrite.get("prompt"),
-                    subject=rewrite.get("subject"),
-                    target_new=rewrite.get("target_new"),
-                    target_true=rewrite.get("target_true"),
-                    case_id=item.get("case_id"))
+      fields = _rewrite_fields(item)
     else:
       fields = dict(prompt=item.get("prompt"), subject=item.get("subject"),
                     target_new=item.get("target_new"),
@@ -95,36 +121,66 @@ def make_request(item) -> Request:
   else:
     raise errors.InputError(
         f"an edit request must be a dict or a Request, got {type(item).__name__}.")
+  case_id = fields.get("case_id")
+  for field in ("prompt", "subject", "target_new", "target_true"):
+    _check_text(case_id, field, fields[field])
   prompt, subject = fields["prompt"], fields["subject"]
   if not isinstance(subject, str) or not subject.strip():
-    raise errors.InputError(f"request {fields.get('case_id')!r}: empty subject.")
+    raise errors.InputError(
+        f"request {case_id!r}: empty subject (it must be a non-empty string, "
+        f"got {subject!r:.80}).")
   if not isinstance(prompt, str) or not prompt.strip():
-    raise errors.InputError(f"request {fields.get('case_id')!r}: empty prompt.")
+    raise errors.InputError(
+        f"request {case_id!r}: empty prompt (it must be a non-empty string, "
+        f"got {prompt!r:.80}).")
+  if "{" in prompt.replace("{}", "") or "}" in prompt.replace("{}", ""):
+    raise errors.InputError(
+        f"request {case_id!r}: the prompt {prompt!r:.200} has a brace other "
+        "than the one '{}' standing for the subject.")
   if "{}" not in prompt:
     if subject not in prompt:
       raise errors.InputError(
-          f"request {fields.get('case_id')!r}: subject {subject!r} does not "
-          f"occur in the prompt {prompt!r}.")
+          f"request {case_id!r}: subject {subject!r:.200} does not occur in "
+          f"the prompt {prompt!r:.200}.")
     prompt = prompt.replace(subject, "{}", 1)
   if prompt.count("{}") != 1:
     raise errors.InputError(
-        f"request {fields.get('case_id')!r}: the prompt template {prompt!r} "
-        "must contain exactly one '{}'.")
+        f"request {case_id!r}: the prompt template {prompt!r:.200} must "
+        "contain exactly one '{}'.")
   target_new = _target(fields["target_new"])
   if target_new is None or not target_new.strip():
-    raise errors.InputError(
-        f"request {fields.get('case_id')!r}: empty target_new.")
-  return Request(prompt, subject, target_new, _target(fields["target_true"]),
-                 fields["case_id"])
+    raise errors.InputError(f"request {case_id!r}: empty target_new.")
+  return Request(prompt, subject, target_new,
+                 _target(fields["target_true"], "target_true"), case_id)
 
 
 def make_requests(items) -> tuple[Request, ...]:
-  """Validates a batch (a single dict/Request is a batch of one)."""
+  """Validates a batch (a single dict/Request is a batch of one).
+
+  Identical requests may repeat; two that ask the same prompt and subject
+  for different targets conflict (no edit can satisfy both) and are refused.
+
+  Raises:
+    InputError: not a request or a list of them, an invalid request, an
+      empty batch, or conflicting requests.
+  """
   if isinstance(items, (Request, Mapping)):
     items = [items]
+  if isinstance(items, (str, bytes, bytearray)) or not isinstance(
+      items, Iterable):
+    raise errors.InputError(
+        "requests must be a Request, a dict or a list of those, got "
+        f"{type(items).__name__}.")
   requests = tuple(make_request(item) for item in items)
   if not requests:
     raise errors.InputError("no edit requests given.")
+  wanted = {}
+  for request in requests:
+    key = (request.prompt, request.subject)
+    if wanted.setdefault(key, request.target_new) != request.target_new:
+      raise errors.InputError(
+          f"conflicting requests for {request.text!r:.200}: targets "
+          f"{wanted[key]!r:.80} and {request.target_new!r:.80} in one batch.")
   return requests
 
 

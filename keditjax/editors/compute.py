@@ -8,8 +8,9 @@
   - `subject_keys`: k*, the mean key at a layer at the subject's last token.
   - `optimize_values`: v* (ROME eq. 4 / MEMIT eq. 16): a delta added at the
     subject's last token after block `layer`, optimised for the new target
-    with a KL "essence" term and weight decay, as one jitted `while_loop` for
-    a whole batch of requests.
+    with a KL "essence" term and weight decay, as jitted `while_loop`s over
+    a pool of request slots, a slot refilled as soon as its request stops
+    (continuous batching).
 
 The value optimisation avoids work the delta cannot change: the prefix runs
 once into a KV cache, the blocks up to `layer` run once on the suffix, each
@@ -339,10 +340,10 @@ class ValueHParams:
     precision.check(self.compute_dtype)
     if self.stop_on not in ("nll", "loss"):
       raise errors.ConfigError(
-          f"stop_on={self.stop_on!r}; use 'nll' or 'loss'.")
+          f"stop_on (v_stop_on)={self.stop_on!r}; use 'nll' or 'loss'.")
     if self.steps < 1 or self.lr <= 0 or self.clamp_norm_factor <= 0:
       raise errors.ConfigError(
-          f"value optimisation needs steps >= 1, lr > 0 and "
+          f"value optimisation needs steps (v_steps) >= 1, lr (v_lr) > 0 and "
           f"clamp_norm_factor > 0; got {self.steps}, {self.lr}, "
           f"{self.clamp_norm_factor}.")
 
@@ -429,16 +430,24 @@ def _optimize(config, params, blocks, cache, hidden_BxPxD, suffix_mask,
                           layer, hp)
 
 
-def _optimize_body(config, params, blocks, cache, hidden_BxPxD, suffix_mask,
-                   target_pos, target_ids, target_mask, row_request,
-                   row_weight, row_is_kl, init_norm_R, layer, hp):
-  num_requests = init_norm_R.shape[0]
-  dim = hidden_BxPxD.shape[-1]
-  col0_P = (jnp.arange(hidden_BxPxD.shape[1]) == 0).astype(hidden_BxPxD.dtype)
+def _value_fns(config, params, blocks, stacked, cache, hidden_BxPxD,
+               suffix_mask, target_pos, target_ids, target_mask, row_request,
+               row_weight, row_is_kl, init_norm_R, layer, hp):
+  """The v* objective, shared by `_optimize` and the slot pool (`_segment`).
 
-  # With `blocks`, the blocks above `layer` run as one scanned block: the
-  # loop compiles one block's forward and backward, not one per layer.
-  stacked = lm.blocks_and_cache(config, blocks, layer + 1, cache)
+  Args:
+    stacked: `lm.blocks_and_cache(config, blocks, layer + 1, cache)`, or
+      None with `blocks` None (every layer unrolled).
+    (the rest): as in `_optimize`.
+
+  Returns:
+    (log_probs, losses): `log_probs(delta_RxD)` -> `[B, T, V]` log-probs at
+    the target positions, and `losses(delta_RxD, kl_init_BxV)` -> (summed
+    loss, (loss_R, nll_R)), where `kl_init_BxV` are the log-probs at δ = 0
+    of each row's first target position (the KL reference).
+  """
+  num_requests = init_norm_R.shape[0]
+  col0_P = (jnp.arange(hidden_BxPxD.shape[1]) == 0).astype(hidden_BxPxD.dtype)
 
   def log_probs(delta_RxD):
     h = hidden_BxPxD + (col0_P[None, :, None] *
@@ -455,10 +464,7 @@ def _optimize_body(config, params, blocks, cache, hidden_BxPxD, suffix_mask,
                                   logit_positions=target_pos)
     return jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
 
-  kl_init_BxV = jax.lax.stop_gradient(log_probs(
-      jnp.zeros((num_requests, dim), hidden_BxPxD.dtype))[:, 0])
-
-  def losses(delta_RxD):
+  def losses(delta_RxD, kl_init_BxV):
     logp = log_probs(delta_RxD)
     tok_lp = jnp.take_along_axis(logp, target_ids[..., None], -1)[..., 0]
     row_nll = -jnp.sum(tok_lp * target_mask, -1) / jnp.maximum(
@@ -474,8 +480,28 @@ def _optimize_body(config, params, blocks, cache, hidden_BxPxD, suffix_mask,
     total = per_request + wd
     return jnp.sum(total), (total, nll)
 
+  return log_probs, losses
+
+
+def _optimize_body(config, params, blocks, cache, hidden_BxPxD, suffix_mask,
+                   target_pos, target_ids, target_mask, row_request,
+                   row_weight, row_is_kl, init_norm_R, layer, hp):
+  num_requests = init_norm_R.shape[0]
+  dim = hidden_BxPxD.shape[-1]
+
+  # With `blocks`, the blocks above `layer` run as one scanned block: the
+  # loop compiles one block's forward and backward, not one per layer.
+  stacked = lm.blocks_and_cache(config, blocks, layer + 1, cache)
+  log_probs, losses = _value_fns(
+      config, params, blocks, stacked, cache, hidden_BxPxD, suffix_mask,
+      target_pos, target_ids, target_mask, row_request, row_weight,
+      row_is_kl, init_norm_R, layer, hp)
+  kl_init_BxV = jax.lax.stop_gradient(log_probs(
+      jnp.zeros((num_requests, dim), hidden_BxPxD.dtype))[:, 0])
+
   opt = optax.adam(hp.lr)
-  grad_fn = jax.value_and_grad(losses, has_aux=True)
+  grad_fn = jax.value_and_grad(lambda delta: losses(delta, kl_init_BxV),
+                               has_aux=True)
   max_norm_R = hp.clamp_norm_factor * init_norm_R
 
   def cond(carry):
@@ -518,13 +544,219 @@ def _optimize_body(config, params, blocks, cache, hidden_BxPxD, suffix_mask,
   return delta, steps_R, loss_R, nll_R, history.T
 
 
+# -- continuous batching: a pool of request slots ---------------------------
+#
+# Requests stop at very different steps, so a chunk that runs until its
+# slowest request stops leaves finished slots idle. The pool keeps `C`
+# request slots (each a fixed block of rows: its templates, then its KL
+# prompts) and refills a slot as soon as its request stops. `data` holds
+# what each row computes with (prepared once per request, never changed by
+# a step); `slots` the optimisation state, per request slot, with its own
+# Adam state and step count, so a request refilled late follows exactly the
+# trajectory it would follow from step 0 of a chunk.
+
+
+@functools.partial(jax.jit, static_argnames=("config", "layer", "site_kind",
+                                             "hp", "rows_per_request"))
+def _prepare_slots(config, params, blocks, layout, row_request, *, layer,
+                   site_kind, hp, rows_per_request):
+  """`_prepare` for a chunk of requests entering the pool.
+
+  Also computes what `_optimize` computes before its loop: the KL reference
+  log-probs at δ = 0 and the norm of v0; with `blocks`, the cache above
+  `layer` is stacked here once instead of on every segment.
+
+  Returns:
+    dict with `rows` (per-row arrays, rows first), `stacked` (the stacked
+    cache, rows second; {} without `blocks`), `index` (the cache's next
+    slot), `init_norm` `[C]` and `v0` `[C, D]`.
+  """
+  with precision.compute_dtype(hp.compute_dtype):
+    cache, hidden_BxPxD, site_BxD = _prepare_body(
+        config, params, blocks, layout["prefix_tokens"],
+        layout["prefix_mask"], layout["suffix_tokens"], layout["suffix_mask"],
+        layer, site_kind)
+    v0_CxD = site_BxD[::rows_per_request]
+    init_norm_C = jnp.linalg.norm(v0_CxD, axis=-1)
+    stacked = lm.blocks_and_cache(config, blocks, layer + 1, cache)
+    log_probs, _ = _value_fns(
+        config, params, blocks, stacked, cache, hidden_BxPxD,
+        layout["suffix_mask"], layout["target_pos"], layout["target_ids"],
+        layout["target_mask"], row_request, None, None, init_norm_C, layer,
+        hp)
+    kl_init_BxV = log_probs(jnp.zeros_like(v0_CxD))[:, 0]
+  rows = dict(hidden=hidden_BxPxD, kl_init=kl_init_BxV, pos=cache["pos"],
+              layers=[] if blocks is not None else cache["layers"],
+              **{k: layout[k] for k in ("suffix_mask", "target_pos",
+                                        "target_ids", "target_mask")})
+  return dict(rows=rows, stacked={} if stacked is None else stacked["cache"],
+              index=cache["index"], init_norm=init_norm_C, v0=v0_CxD)
+
+
+def _empty_slots(num_slots: int, dim: int, dtype, steps: int, lr: float,
+                 num_active: int):
+  """Optimisation state of `num_slots` slots; the first `num_active` start."""
+  delta_CxD = jnp.zeros((num_slots, dim), dtype)
+  return dict(delta=delta_CxD,
+              opt=jax.vmap(optax.adam(lr).init)(delta_CxD),
+              active=jnp.arange(num_slots) < num_active,
+              loss=jnp.zeros((num_slots,), jnp.float32),
+              nll=jnp.zeros((num_slots,), jnp.float32),
+              steps=jnp.zeros((num_slots,), jnp.int32),
+              history=jnp.full((num_slots, steps), jnp.nan, jnp.float32))
+
+
+@functools.partial(jax.jit, donate_argnames=("data", "slots"))
+def _refill(data, slots, incoming, dest_C):
+  """Slot `dest_C[j]` takes request j of `incoming` (`_prepare_slots`) and
+  starts afresh; `dest_C[j]` = C (out of range) skips request j."""
+  num_slots = dest_C.shape[0]
+  rows_per_request = data["rows"]["hidden"].shape[0] // num_slots
+  dest_B = (dest_C[:, None] * rows_per_request +
+            jnp.arange(rows_per_request)).reshape(-1)
+
+  def put(index, axis=0):
+    where = (slice(None),) * axis + (index,)
+    return lambda old, new: old.at[where].set(new, mode="drop")
+
+  data = dict(data, rows=jax.tree.map(put(dest_B), data["rows"],
+                                      incoming["rows"]),
+              stacked=jax.tree.map(put(dest_B, 1), data["stacked"],
+                                   incoming["stacked"]),
+              init_norm=put(dest_C)(data["init_norm"], incoming["init_norm"]))
+  fresh = dict(jax.tree.map(jnp.zeros_like, slots),
+               active=jnp.ones_like(slots["active"]),
+               history=jnp.full_like(slots["history"], jnp.nan))
+  return data, jax.tree.map(put(dest_C), slots, fresh)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "layer", "hp"),
+                   donate_argnames=("slots",))
+def _segment(config, params, blocks, data, slots, row_request, row_weight,
+             row_is_kl, until_one_stops, *, layer, hp):
+  """Steps every active slot until all stop, or, with `until_one_stops`
+  (requests are waiting), until one does.
+
+  The step is `_optimize`'s, per slot: Adam's bias correction counts the
+  slot's own steps, and history is written at the slot's own step.
+
+  Returns:
+    (the new `slots`, the number of steps run).
+  """
+  with precision.compute_dtype(hp.compute_dtype):
+    rows = data["rows"]
+    cache = dict(layers=rows["layers"], pos=rows["pos"], index=data["index"])
+    stacked = (None if blocks is None
+               else dict(params=blocks, cache=data["stacked"]))
+    _, losses = _value_fns(
+        config, params, blocks, stacked, cache, rows["hidden"],
+        rows["suffix_mask"], rows["target_pos"], rows["target_ids"],
+        rows["target_mask"], row_request, row_weight, row_is_kl,
+        data["init_norm"], layer, hp)
+    grad_fn = jax.value_and_grad(
+        lambda delta: losses(delta, rows["kl_init"]), has_aux=True)
+    update = jax.vmap(optax.adam(hp.lr).update)
+    max_norm_C = hp.clamp_norm_factor * data["init_norm"]
+    step_S = jnp.arange(hp.steps)
+    num_started = jnp.sum(slots["active"])
+
+    def cond(carry):
+      _, s = carry
+      num_active = jnp.sum(s["active"])
+      return (num_active > 0) & ~(until_one_stops &
+                                  (num_active < num_started))
+
+    def body(carry):
+      n, s = carry
+      active = s["active"]
+      (_, (total, nll)), grad = grad_fn(s["delta"])
+      history = jnp.where(active[:, None] &
+                          (step_S[None, :] == s["steps"][:, None]),
+                          nll[:, None], s["history"])
+      watched = nll if hp.stop_on == "nll" else total
+      # Active slots have stepped `steps` times: `_optimize`'s `step`.
+      still = active & (watched >= hp.stop_loss) & (s["steps"] < hp.steps - 1)
+      updates, new_opt = update(grad, s["opt"], s["delta"])
+      new_delta = s["delta"] + updates
+      norm = jnp.linalg.norm(new_delta, axis=-1, keepdims=True)
+      new_delta = new_delta * jnp.minimum(1.0, max_norm_C[:, None] /
+                                          jnp.maximum(norm, 1e-12))
+      keep = lambda new, old: jnp.where(
+          still.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+      return n + 1, dict(
+          delta=keep(new_delta, s["delta"]),
+          opt=jax.tree.map(keep, new_opt, s["opt"]), active=still,
+          loss=jnp.where(active, total, s["loss"]),
+          nll=jnp.where(active, nll, s["nll"]),
+          steps=s["steps"] + still.astype(jnp.int32), history=history)
+
+    n, slots = jax.lax.while_loop(cond, body, (jnp.int32(0), slots))
+  return slots, n
+
+
+def _run_pool(prepare, segment, chunks, num_slots, hp, done):
+  """Runs the requests of `chunks` through one pool of `num_slots` slots.
+
+  Args:
+    prepare: request indices (at most `num_slots`) -> `_prepare_slots`'
+      output for them (padded to `num_slots` requests).
+    segment: `(data, slots, until_one_stops) -> (slots, steps run)`.
+    chunks: lists of request indices, in order; all but the last full.
+    num_slots: C.
+    hp: `ValueHParams`.
+    done: called as `done(request index, {delta, loss, nll, steps,
+      nll_history})` when a request stops.
+
+  Returns:
+    (segments run, slot-steps run).
+  """
+  incoming = prepare(chunks[0])
+  data = {k: incoming[k] for k in ("rows", "stacked", "index", "init_norm")}
+  slots = _empty_slots(num_slots, incoming["v0"].shape[-1],
+                       data["rows"]["hidden"].dtype, hp.steps, hp.lr,
+                       len(chunks[0]))
+  held = list(chunks[0]) + [None] * (num_slots - len(chunks[0]))
+  later = [i for part in chunks[1:] for i in part]  # not yet prepared
+  queue, buffer = [], None  # a prepared chunk's unused (position, request)
+  segments = slot_steps = 0
+  while True:
+    slots, n = segment(data, slots, bool(queue or later))
+    got = jax.device_get({k: v for k, v in slots.items() if k != "opt"})
+    segments += 1
+    slot_steps += num_slots * int(n)
+    for s, i in enumerate(held):
+      if i is not None and not got["active"][s]:
+        done(i, dict(delta=got["delta"][s], loss=got["loss"][s],
+                     nll=got["nll"][s], steps=got["steps"][s],
+                     nll_history=got["history"][s]))
+        held[s] = None
+    free = [s for s, i in enumerate(held) if i is None]
+    if not (queue or later) and len(free) == num_slots:
+      return segments, slot_steps
+    while free and (queue or later):
+      if not queue:
+        part, later = later[:num_slots], later[num_slots:]
+        buffer, queue = prepare(part), list(enumerate(part))
+      taken, queue = queue[:len(free)], queue[len(free):]
+      dest = np.full((num_slots,), num_slots, np.int32)
+      for (j, i), s in zip(taken, free):
+        dest[j], held[s] = s, i
+      data, slots = _refill(data, slots, buffer, jnp.asarray(dest))
+      free = free[len(taken):]
+
+
 def value_rows(model, requests, templates, kl_prompts=KL_PROMPTS):
   """Rows of the v* batch: every template with its target, then KL prompts.
 
   Returns:
     (rows for `make_layout`, row_request, row_weight, row_is_kl, index of
     each request's first (plain-template) row).
+
+  Raises:
+    InputError: a target or subject that tokenizes to nothing, or a row
+      longer than the model's context (checked before any model work).
   """
+  limit = model.config.max_position_embeddings
   rows, row_request, row_weight, row_is_kl, first = [], [], [], [], []
   for r, request in enumerate(requests):
     target = encode_target(model.tokenizer, request)
@@ -532,6 +764,11 @@ def value_rows(model, requests, templates, kl_prompts=KL_PROMPTS):
     for template in templates:
       ids, last = tokenize_around_subject(
           model.tokenizer, fill(template, request), request.subject)
+      if len(ids) + len(target) > limit:
+        raise errors.InputError(
+            f"request {request.case_id!r}: the prompt in context "
+            f"{template!r:.60} and the target are {len(ids) + len(target)} "
+            f"tokens; the model takes {limit} (max_position_embeddings).")
       rows.append((ids, last, target))
       row_request.append(r)
       row_weight.append(1.0 / len(templates))
@@ -547,12 +784,21 @@ def value_rows(model, requests, templates, kl_prompts=KL_PROMPTS):
 
 
 def optimize_values(model, params, requests, templates, *, layer: int,
-                    site_kind: str, hp: ValueHParams, chunk: int = 8):
+                    site_kind: str, hp: ValueHParams, chunk: int = 8,
+                    continuous: bool = True):
   """Optimises one delta per request at the subject's last token.
 
   The delta is added to the residual stream after block `layer`; with
   `site_kind="mlp/value"` (ROME) its scale reference v0 is the MLP output
   there, with `"resid"` (MEMIT) the residual stream itself.
+
+  Requests are sorted by shape bucket and cut into chunks of `chunk`. Without
+  `continuous`, each chunk runs one jitted loop until its slowest request
+  stops. With it, consecutive chunks of one padded shape share a pool of
+  `chunk` request slots, and a slot whose request stops takes the next
+  waiting request (`_run_pool`): the same result per request (each request's
+  loss reads only its own rows, and each slot keeps its own Adam state and
+  step count), in fewer slot-steps.
 
   Args:
     model: the `LanguageModel` (config, tokenizer).
@@ -562,12 +808,17 @@ def optimize_values(model, params, requests, templates, *, layer: int,
     layer: the block after which the delta is added.
     site_kind: "mlp/value" or "resid".
     hp: `ValueHParams`.
-    chunk: requests per jitted batch (the row count is fixed per chunk, so
-      chunks share one compilation).
+    chunk: requests per jitted batch, or slots of the pool (the row count is
+      fixed, so chunks and pools of a shape share one compilation).
+    continuous: refill finished slots (continuous batching) instead of
+      running chunk after chunk.
 
   Returns:
     dict with `delta` `[R, D]`, `v0` `[R, D]` (the unedited site value of
-    each request's plain prompt), `steps` `[R]`, `loss` `[R]`, `nll` `[R]`.
+    each request's plain prompt), `steps` `[R]`, `loss` `[R]`, `nll` `[R]`,
+    `nll_history` `[R, steps]`, and the work done: `segments` (jitted loops
+    run), `slot_steps` (request slots × loop steps run) and
+    `chunked_slot_steps` (what chunk after chunk runs).
   """
   config = model.config
   # Scanned: the blocks above `layer` stacked once (in the compute dtype),
@@ -583,50 +834,108 @@ def optimize_values(model, params, requests, templates, *, layer: int,
   per_request = [value_rows(model, [r], templates) for r in requests]
   # Requests with similar suffix and target lengths share a chunk (less
   # padding per step, fewer shapes to compile); one prefix length for all.
-  def shape(rows):
+  def shape(ids):
+    rows = [row for i in ids for row in per_request[i][0]]
     return (suffix_bucket(max(len(i) - s + max(len(t) - 1, 0)
                               for i, s, t in rows)),
             target_bucket(max(max(len(t), 1) for _, _, t in rows)))
-  order = sorted(range(len(requests)), key=lambda i: shape(per_request[i][0]))
+  order = sorted(range(len(requests)), key=lambda i: shape([i]))
   prefix_len = lm.bucket(max(s for rows, *_ in per_request
                              for _, s, _ in rows), PREFIX_MULTIPLE)
-  results = {k: [None] * len(requests)
-             for k in ("delta", "v0", "steps", "loss", "nll", "nll_history")}
-  starts = range(0, len(requests), chunk)
-  if len(starts) > 1:
-    starts = progress.bar(starts, desc=f"v* ({len(requests)} requests)",
-                       unit="chunk", leave=False)
-  for start in starts:
-    part = order[start:start + chunk]
-    # Pad the last chunk with copies of its last request (results dropped)
-    # so that every chunk has the same row count.
-    padded = part + [part[-1]] * (chunk - len(part) if len(requests) > chunk
-                                  else 0)
-    rows, row_request, row_weight, row_is_kl, first = [], [], [], [], []
+  # Every chunk has `num_slots` requests: the last one is padded with copies
+  # of its last request (results dropped).
+  num_slots = min(chunk, len(requests))
+  chunks = [order[i:i + chunk] for i in range(0, len(requests), chunk)]
+
+  def chunk_rows(part):
+    padded = part + [part[-1]] * (num_slots - len(part))
+    rows, row_request, row_weight, row_is_kl = [], [], [], []
     for k, i in enumerate(padded):
       r_rows, _, r_weight, r_is_kl, _ = per_request[i]
-      first.append(len(rows))
       rows += r_rows
       row_request += [k] * len(r_rows)
       row_weight += r_weight
       row_is_kl += r_is_kl
-    layout = make_layout(rows, prefix_len=prefix_len)
+    return (make_layout(rows, prefix_len=prefix_len),
+            jnp.asarray(row_request, jnp.int32),
+            jnp.asarray(row_weight, jnp.float32), jnp.asarray(row_is_kl))
+
+  results = {k: [None] * len(requests)
+             for k in ("delta", "v0", "steps", "loss", "nll", "nll_history")}
+  bar = None
+  if len(chunks) > 1:
+    bar = progress.bar(total=len(requests), unit="request", leave=False,
+                       desc=f"v* ({len(requests)} requests)")
+
+  def done(i, got):
+    for key, value in got.items():
+      results[key][i] = np.asarray(value)
+    if bar is not None:
+      bar.update(1)
+
+  def run_chunk(part):
+    layout, row_request, row_weight, row_is_kl = chunk_rows(part)
     cache, hidden, site_value = _prepare(
         config, params, blocks, jnp.asarray(layout.prefix_tokens),
         jnp.asarray(layout.prefix_mask), jnp.asarray(layout.suffix_tokens),
         jnp.asarray(layout.suffix_mask), layer=layer, site_kind=site_kind,
         compute_dtype=hp.compute_dtype)
-    v0 = site_value[np.array(first)]
+    v0 = site_value[::len(row_request) // num_slots]
     delta, steps, loss, nll, history = _optimize(
         config, params, blocks, cache, hidden,
         jnp.asarray(layout.suffix_mask),
         jnp.asarray(layout.target_pos), jnp.asarray(layout.target_ids),
-        jnp.asarray(layout.target_mask), jnp.asarray(row_request, jnp.int32),
-        jnp.asarray(row_weight, jnp.float32), jnp.asarray(row_is_kl),
+        jnp.asarray(layout.target_mask), row_request, row_weight, row_is_kl,
         jnp.linalg.norm(v0, axis=-1), layer=layer, hp=hp)
-    got = dict(delta=delta, v0=v0, steps=steps, loss=loss, nll=nll,
-               nll_history=history)
+    got = jax.device_get(dict(v0=v0, delta=delta, loss=loss, nll=nll,
+                              steps=steps, nll_history=history))
     for k, i in enumerate(part):
-      for key, value in got.items():
-        results[key][i] = np.asarray(value[k])
-  return {k: np.stack(v) for k, v in results.items()}
+      done(i, {key: value[k] for key, value in got.items()})
+    return num_slots * (int(got["steps"].max()) + 1)
+
+  def prepare(part):
+    layout, row_request, _, _ = chunk_rows(part)
+    incoming = _prepare_slots(
+        config, params, blocks, dataclasses.asdict(layout), row_request,
+        layer=layer, site_kind=site_kind, hp=hp,
+        rows_per_request=len(row_request) // num_slots)
+    prepared_v0.append((part, incoming["v0"]))  # read at the end: no sync
+    return incoming
+
+  # Consecutive chunks of one padded shape form a pool: each request is
+  # padded as chunk after chunk pads it.
+  pools = []
+  for part in chunks:
+    if pools and shape(pools[-1][-1]) == shape(part):
+      pools[-1].append(part)
+    else:
+      pools.append([part])
+  segments = slot_steps = 0
+  prepared_v0 = []
+  for pool in pools:
+    if not continuous or len(pool) == 1:
+      for part in pool:
+        slot_steps += run_chunk(part)
+        segments += 1
+      continue
+    pattern = chunk_rows(pool[0])[1:]  # the same rows in every slot
+    segment = lambda data, slots, waiting, pattern=pattern: _segment(
+        config, params, blocks, data, slots, *pattern, jnp.asarray(waiting),
+        layer=layer, hp=hp)
+    got = _run_pool(prepare, segment, pool, num_slots, hp, done)
+    segments += got[0]
+    slot_steps += got[1]
+  if bar is not None:
+    bar.close()
+  for part, v0 in prepared_v0:
+    v0 = np.asarray(v0)
+    for k, i in enumerate(part):
+      results["v0"][i] = v0[k]
+  out = {k: np.stack(v) for k, v in results.items()}
+  # Chunk after chunk: each chunk's loop runs its slowest request's passes
+  # (a request stopped after `steps` updates made `steps` + 1 passes).
+  out.update(segments=segments, slot_steps=slot_steps,
+             chunked_slot_steps=sum(
+                 num_slots * (1 + max(int(out["steps"][i]) for i in part))
+                 for part in chunks))
+  return out

@@ -45,12 +45,18 @@ def rows(model, pairs, *, length: int | None = None,
     pad_rows: pad N to a power of two with zero-weight rows.
 
   Raises:
-    InputError: an empty pair, or one longer than `length` / `targets`.
+    InputError: an empty pair, or one longer than `length` / `targets` or
+      than the model's context.
   """
   encoded = [encode_pair(model, p, t) for p, t in pairs]
   if not encoded:
     raise errors.InputError("no (prompt, target) pairs given.")
   need_l = max(len(p) + len(t) for p, t in encoded)
+  limit = model.config.max_position_embeddings
+  if need_l > limit:
+    raise errors.InputError(
+        f"a (prompt, target) pair is {need_l} tokens; the model takes "
+        f"{limit} (max_position_embeddings).")
   need_p = max(len(t) for _, t in encoded)
   length = length or lm.bucket(need_l)
   targets = targets or lm.bucket(need_p, 4)

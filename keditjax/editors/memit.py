@@ -45,7 +45,11 @@ class MemitHParams:
     layers: the edited blocks; z is placed after the last [layers].
     context_lengths: generated context prefixes (MEMIT: 5 of 10 tokens).
     v_*, kl_factor, clamp_norm_factor: the z optimisation (ROME's v*).
-    v_chunk: requests per jitted z batch.
+    v_chunk: requests per jitted z batch (slots of the pool).
+    v_continuous: continuous batching of the z optimisation: a slot whose
+      request stops takes the next waiting request, instead of idling until
+      the slowest request of its chunk stops (same z per request, fewer
+      steps; `compute.optimize_values`).
     mom2_update_weight: λ; None for `lambda_per_unit` × F.
     lambda_per_unit: λ per MLP unit when `mom2_update_weight` is None.
     mom2_tokens, mom2_corpus, mom2_dtype: the key covariance C (see ROME).
@@ -69,6 +73,7 @@ class MemitHParams:
   v_compute_dtype: str = "auto"
   v_scan_layers: bool = True
   v_chunk: int = 8
+  v_continuous: bool = True
   mom2_update_weight: float | None = None
   lambda_per_unit: float = 0.5
   mom2_tokens: int = 200_000
@@ -166,7 +171,7 @@ def spread_update(model, params, requests, state, hparams, solve, factor,
     values = compute.optimize_values(
         model, params, requests, state.templates, layer=last,
         site_kind="resid", hp=hparams.value_hparams(),
-        chunk=hparams.v_chunk)
+        chunk=hparams.v_chunk, continuous=hparams.v_continuous)
   new_params = params
   updates, keys_by_layer = {}, {}
   touched = [[] for _ in requests]

@@ -62,7 +62,7 @@ class MendHParams:
     init_lr: the initial per-layer step `α_ℓ`.
   """
   checkpoint: str = ""
-  layers: tuple | None = None
+  layers: tuple[int, ...] | None = None
   rank: int = 128
   init_lr: float = 1e-4
 

@@ -170,10 +170,9 @@ def rome(hparams: RomeHParams = RomeHParams()) -> base.FunctionalEditor:
     """Applies each request in turn (each on top of the previous one)."""
     layer = hparams.layer
     requests = base.make_requests(requests)
+    hparams.value_hparams()  # refuses bad v_* fields before any work
     for request in requests:  # validate everything before any work
-      compute.encode_target(model.tokenizer, request)
-      compute.tokenize_around_subject(model.tokenizer, request.prompt,
-                                      request.subject)
+      compute.value_rows(model, [request], state.templates)  # fits the context
     path = model.site_param(f"layer/{layer}/mlp/value")
     timer = base.Timer()
     new_params = params

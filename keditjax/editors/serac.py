@@ -189,8 +189,7 @@ def serac(hparams: SeracHParams = SeracHParams()):
     requests = base.make_requests(requests)
     for r in requests:  # validate before work
       _check_request(r)
-    if model.tokenizer is None:
-      raise errors.TokenizerError(f"SERAC needs a tokenizer; {model!r} has none.")
+      base.encode_request(model, r, "SERAC")  # fits the base model's context
     timer = base.Timer()
     if isinstance(params, SeracModel):
       for field in ("threshold", "template", "encoder"):
