@@ -349,7 +349,10 @@ def check_generated(header, rows, data, where):
   UltraEdit sweeps): every row equals `experiments.lifelong_render`'s
   rendering of the captioned JSON (bold aside)."""
   from experiments import lifelong_render as lt  # pylint: disable=import-outside-toplevel
+  from experiments import stream_render as sr  # pylint: disable=import-outside-toplevel
   make = {tuple(lt.LIFELONG): lt.lifelong_table, tuple(lt.WILD): lt.wild_table,
+          tuple(sr.STREAM): sr.stream_table,
+          tuple(sr.ROLLBACK): sr.rollback_table,
           tuple(lt.MQUAKE): lt.mquake_table,
           tuple(lt.SWEEP): lt.sweep_table,
           tuple(lt.BATCH): lt.batch_table,
@@ -361,8 +364,9 @@ def check_generated(header, rows, data, where):
 
 def _generated_headers():
   from experiments import lifelong_render as lt  # pylint: disable=import-outside-toplevel
+  from experiments import stream_render as sr  # pylint: disable=import-outside-toplevel
   return (lt.LIFELONG, lt.WILD, lt.MQUAKE, lt.SWEEP, lt.BATCH,
-          lt.NULLSPACE)
+          lt.NULLSPACE, sr.STREAM, sr.ROLLBACK)
 
 
 # Tables with no JSON behind them (plans, not measurements).
