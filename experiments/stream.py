@@ -37,6 +37,11 @@ config_flags.DEFINE_config_file("config", "experiments/configs/editors.py", "Edi
 FLAGS = flags.FLAGS
 
 
+def rolling(values, window=10):  # the mean of the last `window` reads (one asks 8 facts: noisy)
+  return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+          for i in range(len(values))]
+
+
 def plot(results, path):
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -46,11 +51,13 @@ def plot(results, path):
     ok = [e for e in r["edits"] if "latency_s" in e]
     a.plot([e["arrival_s"] for e in ok], [e["latency_s"] for e in ok], ".", ms=3, label=mode)
     reads = [x for x in r["reads"] if "efficacy" in x]
-    b.plot([x["time_s"] for x in reads], [x["efficacy"] for x in reads], "-", lw=1, label=f"{mode}: edited facts")
-    b.plot([x["time_s"] for x in r["reads"]], [x.get("unrelated") for x in r["reads"]], ":", lw=1,
+    b.plot([x["time_s"] for x in reads], rolling([x["efficacy"] for x in reads]), "-", lw=1,
+           label=f"{mode}: edited facts")
+    other = [x for x in r["reads"] if "unrelated" in x]
+    b.plot([x["time_s"] for x in other], rolling([x["unrelated"] for x in other]), ":", lw=1,
            label=f"{mode}: unrelated")
   a.set(xlabel="arrival (s)", ylabel="arrival -> visible (s)", title="edit latency")
-  b.set(xlabel="time (s)", ylabel="reader accuracy", title="answers while editing", ylim=(-0.05, 1.05))
+  b.set(xlabel="time (s)", ylabel="reader accuracy", title="answers while editing (mean of 10 reads)", ylim=(-0.05, 1.05))
   a.legend()
   b.legend(fontsize=7)
   fig.tight_layout()
@@ -66,8 +73,7 @@ def main(argv):
   cases = cases_lib.load_cases("counterfact", limit=FLAGS.num_facts + FLAGS.num_unrelated)
   stream, held = cases[:FLAGS.num_facts], cases[FLAGS.num_facts:]
   unrelated = [(c.neighborhood[0][0], c.target_true, c.target_new) for c in held]
-  hparams = editor_configs.hparams_from(FLAGS.config, FLAGS.method)
-  editor = editors.get(FLAGS.method, hparams)
+  editor = editors.get(FLAGS.method, editor_configs.hparams_from(FLAGS.config, FLAGS.method))
   out = {"command": "python -m experiments.stream " + " ".join(
       f"--{k}={getattr(FLAGS, k)}" for k in ("method", "num_facts", "rate", "max_batch",
                                              "latency_budget_s", "read_period_s")),

@@ -700,3 +700,20 @@ def test_readme_load_memory_claim_matches_its_json():
   before, after = _load("benchmarks/load_memory_avx2.json")["runs"]
   shown(m.group(1).replace(",", ""), after["peak_rss_mib"], "load peak now")
   shown(m.group(2).replace(",", ""), before["peak_rss_mib"], "load peak before")
+
+
+def test_readme_memit_continuous_batching_sentence_matches_its_json():
+  m, _ = _readme_match(
+      r"(\d+) of the first (\d+) CounterFact requests run all (\d+) steps.*?"
+      r"`docs/benchmarks/memit_vstar_continuous_avx2\.json`: (\d+) slot-steps "
+      r"in both modes, steady ([\d.]+) s against ([\d.]+) s chunked",
+      "MEMIT continuous batching sentence")
+  data = _load("benchmarks/memit_vstar_continuous_avx2.json")
+  chunked, continuous = data["modes"]["chunked"], data["modes"]["continuous"]
+  assert int(m.group(1)) == continuous["steps_histogram"][data["v_steps"] - 1]
+  assert int(m.group(2)) == data["num_records"]
+  assert int(m.group(3)) == data["v_steps"]
+  assert int(m.group(4)) == chunked["slot_steps"] == continuous["slot_steps"]
+  shown(m.group(5), continuous["steady_s"], "continuous steady")
+  shown(m.group(6), chunked["steady_s"], "chunked steady")
+  assert data["max_abs_delta_diff"] == 0.0

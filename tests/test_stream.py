@@ -309,3 +309,61 @@ def test_the_loop_survives_a_thousand_fuzzed_requests(model):
   for group in applied + [[last.result()]]:
     p, _, _ = ed.apply(model, p, [a.request for a in group], state)
   assert _leaves_equal(live.params, p)
+
+
+def test_an_older_rome_edit_subtracted_on_the_default_model(smollm2):
+  """The acceptance on the real model (quick ROME: identity covariance, few
+  templates): after 5 successive CounterFact edits, subtracting edit 1
+  returns its prompt's P(target_new) to within 1 point of its score just
+  before it was applied, and every other edit that succeeded still does.
+  (docs/RESULTS.md reports the same with the default ROME over 20 edits.)"""
+  from keditjax.evaluation import cases as cases_lib
+  cases = cases_lib.load_cases("counterfact", limit=5)
+  ed = editors.get("rome", use_covariance=False, context_lengths=((5, 3),))
+  live = live_lib.LiveModel(smollm2, ed, track_manifest=False)
+
+  def scores(i=None):
+    picked = cases if i is None else cases[i:i + 1]
+    prompts = [c.prompt for c in picked]
+    new = live.score(prompts, [c.target_new for c in picked])
+    true = live.score(prompts, [c.target_true for c in picked])
+    return 100 * np.exp(new), new > true
+
+  pre, ids = [], []
+  for i, case in enumerate(cases):
+    pre.append(float(scores(i)[0][0]))
+    ids.append(live.edit(case.request)[0].id)
+  p_edited, ok_edited = scores()
+  assert p_edited[1] > pre[1] + 10          # the edit took
+  live.rollback(ids[1], mode="subtract")
+  p_after, ok_after = scores()
+  assert abs(p_after[1] - pre[1]) <= 1.0, (pre[1], p_edited[1], p_after[1])
+  held = [i for i in (0, 2, 3, 4) if ok_edited[i]]
+  assert len(held) >= 3 and all(ok_after[i] for i in held), (
+      ok_edited, ok_after)
+
+
+def test_replay_streams_cases_and_reads_between_edits(model):
+  """`replay` applies every case, the reader asks only about facts its
+  snapshot holds, and `summarize` counts what happened."""
+  from keditjax.evaluation import cases as cases_lib
+  from keditjax.stream import replay
+  cases = [cases_lib.EditCase(i, (base.make_request(
+      dict(_request(i), target_true="Rome")),),
+      neighborhood=((f"Other{i} lives in", "Rome"),)) for i in range(6)]
+  ed, state = _rome(model)
+  live = live_lib.LiveModel(model, ed, state=state)
+  result = replay.replay(live, cases, rate_per_s=20.0, read_period_s=0.02,
+                         unrelated=[("Nobody lives in", " Rome", " City1")],
+                         show_progress=False)
+  summary = replay.summarize(result)
+  assert summary["applied"] == 6 and summary["refused"] == 0
+  assert summary["operations"] == 6 and summary["mean_batch"] == 1.0
+  assert len(live.edits) == 6 and summary["reads"] == len(result["reads"])
+  asked = [r for r in result["reads"] if "efficacy" in r]
+  assert asked and all(r["visible"] >= 1 for r in asked)
+  assert all("unrelated" in r for r in result["reads"])
+  final = replay.final_accuracy(model, live.params, cases)
+  assert set(final) == {"efficacy", "neighbourhood"}
+  with pytest.raises(errors.ConfigError, match="rate_per_s"):
+    replay.replay(live, cases, rate_per_s=0)

@@ -59,18 +59,27 @@ def replay(live, cases: Sequence, *, rate_per_s: float,
   done = threading.Event()
   start = time.time()
 
+  def register(case):
+    def done_(future):   # in the writer's thread, right after the swap
+      if future.exception() is None:
+        by_edit[future.result().id] = case
+    return done_
+
   def feed():
     for i, case in enumerate(cases):
       delay = start + i / rate_per_s - time.time()
       if delay > 0:
         time.sleep(delay)
-      futures.append(live.submit(case.request))
+      future = live.submit(case.request)
+      future.add_done_callback(register(case))
+      futures.append(future)
 
   def read():
     rng = np.random.default_rng(seed)
     while not done.is_set():
       t0 = time.time()
       snap = live.snapshot()
+      # (an edit whose callback has not run yet is skipped this read)
       visible = [by_edit[i] for i in snap.edit_ids if i in by_edit]
       row = {"time_s": t0 - start, "visible": len(snap.edit_ids)}
       if visible:
@@ -97,12 +106,8 @@ def replay(live, cases: Sequence, *, rate_per_s: float,
     feeder.start()
     reader.start()
     feeder.join()
-    for case, future in zip(cases, futures):
-      try:
-        applied = future.result()
-        by_edit[applied.id] = case
-      except errors.KeditError:
-        pass
+    for future in futures:
+      future.exception()   # waits; refusals are reported below
       if bar is not None:
         bar.update(1)
   wall = time.time() - start
