@@ -2,6 +2,7 @@
 refusals that do not stop the loop, and every rollback mode."""
 
 import json
+import math
 import threading
 import time
 
@@ -367,3 +368,66 @@ def test_replay_streams_cases_and_reads_between_edits(model):
   assert set(final) == {"efficacy", "neighbourhood"}
   with pytest.raises(errors.ConfigError, match="rate_per_s"):
     replay.replay(live, cases, rate_per_s=0)
+
+
+def test_an_older_rome_edit_subtracted_on_a_trained_tiny_model(tmp_path):
+  """The rollback acceptance on a tiny model (tests/fact_model.py: trained
+  for seconds on 48 one-byte-subject facts, so a subject's key selects its
+  own fact): after 8 successive ROME edits, subtracting an older one that
+  still holds returns its prompt's P(target_new) to within 1 point of its
+  score just before it was applied, and >= 95% of the other edits that held
+  still hold (here: all of them).
+
+  The tiny model's edits still interfere more than the default model's
+  (which `test_an_older_rome_edit_subtracted_on_the_default_model` and
+  docs/results/rollback_rome_cf20.json cover): with these settings the
+  criterion held for 6 of the data seeds 0-7; on seed 4 earlier edits had
+  already moved the prompt to 89 points before its own edit, on seed 5 one
+  of five other edits flipped. Seed 0 is pinned.
+  """
+  from keditjax import stats
+  from tests import fact_model
+  model, known = fact_model.train(seed=0)
+  subjects = list(known)
+  best = fact_model.city_scores(model, model.params, subjects).argmax(1)
+  assert [fact_model.CITIES[j] for j in best] == list(known.values())
+
+  corpus = tmp_path / "facts.txt"
+  corpus.write_text("\n".join(fact_model.corpus_lines()) + "\n")
+  cov = stats.second_moments(model, [0], corpus=str(corpus), cache_dir=False,
+                             progress=False)[0]
+  cov = cov + 1e-3 * np.trace(cov) / len(cov) * np.eye(len(cov))
+  ed = editors.get("rome", layer=0, v_compute_dtype="float32",
+                   clamp_norm_factor=1.5)
+  live = live_lib.LiveModel(model, ed, track_manifest=False, state=ed.init(
+      model, covariance=cov, templates=("{}",)))
+  cities = fact_model.CITIES
+  new = {s: cities[(cities.index(c) + 3) % len(cities)]
+         for s, c in known.items()}
+  edited = subjects[:8]
+
+  def scores():
+    prompts = [fact_model.PROMPT.format(s) for s in edited]
+    lp_new = live.score(prompts, [" " + new[s] for s in edited])
+    lp_true = live.score(prompts, [" " + known[s] for s in edited])
+    return 100 * np.exp(lp_new), lp_new > lp_true
+
+  pre, ids = [], []
+  for i, s in enumerate(edited):
+    pre.append(float(scores()[0][i]))
+    ids.append(live.edit({"prompt": fact_model.PROMPT, "subject": s,
+                          "target_new": " " + new[s],
+                          "target_true": " " + known[s]})[0].id)
+  p_edited, ok_edited = scores()
+  # The oldest edit (not the first: it has no edit before it) still held.
+  k = next(i for i in range(1, len(edited) - 1)
+           if ok_edited[i] and p_edited[i] > 50)
+  live.rollback(ids[k], mode="subtract")
+  p_after, ok_after = scores()
+  assert abs(p_after[k] - pre[k]) <= 1.0, (k, pre[k], p_edited[k], p_after[k])
+  held = [i for i in range(len(edited)) if i != k and ok_edited[i]]
+  kept = sum(bool(ok_after[i]) for i in held)
+  print(f"edit {k} {pre[k]:.3f} -> {p_edited[k]:.2f} -> "
+        f"{p_after[k]:.3f} points; {kept}/{len(held)} others held "
+        f"({int(ok_edited.sum())}/{len(edited)} held before)")
+  assert len(held) >= 4 and kept >= math.ceil(0.95 * len(held))
