@@ -15,13 +15,12 @@ import json
 
 from absl import app, flags
 from ml_collections import config_flags
-import numpy as np
 
 from experiments import common
 from experiments.configs import editors as editor_configs
-from keditjax import editors, models, progress
+from keditjax import editors, models
 from keditjax.evaluation import cases as cases_lib
-from keditjax.stream import live as live_lib
+from keditjax.stream import live as live_lib, rollback
 
 flags.DEFINE_string("model", models.DEFAULT_MODEL, "Model to edit.")
 flags.DEFINE_enum("method", "rome", list(editors.METHODS), "Editing method.")
@@ -33,13 +32,6 @@ config_flags.DEFINE_config_file("config", "experiments/configs/editors.py", "Edi
 FLAGS = flags.FLAGS
 
 
-def scores(live, snapshot, cases):
-  prompts = [c.prompt for c in cases]
-  new = live.score(prompts, [c.target_new for c in cases], snapshot=snapshot)
-  true = live.score(prompts, [c.target_true for c in cases], snapshot=snapshot)
-  return 100 * np.exp(new), new > true
-
-
 def main(argv):
   del argv
   common.setup()
@@ -49,35 +41,14 @@ def main(argv):
   cases = cases_lib.load_cases("counterfact", limit=FLAGS.num_edits)
   editor = editors.get(FLAGS.method, editor_configs.hparams_from(FLAGS.config, FLAGS.method))
   live = live_lib.LiveModel(model, editor, track_manifest=False)
-  pre, ids = [], []
-  for i in progress.bar(range(len(cases)), desc="edits", unit="edit"):
-    pre.append(float(scores(live, live.snapshot(), cases[i:i + 1])[0][0]))
-    ids.append(live.edit(cases[i].request)[0].id)
-  edited = live.snapshot()
-  p_edited, ok_edited = scores(live, edited, cases)
-  k = FLAGS.rollback
-  others = [i for i in range(len(cases)) if i != k]
+  report = rollback.successive_then_rollback(live, [c.request for c in cases], FLAGS.rollback,
+                                             FLAGS.modes)
   out = {"command": f"python -m experiments.rollback --method={FLAGS.method} "
-                    f"--num_edits={FLAGS.num_edits} --rollback={k} --modes={','.join(FLAGS.modes)}",
-         "model": FLAGS.model, "pre_edit_p_new": pre, "edited_p_new": p_edited.tolist(),
-         "edited_success": ok_edited.tolist(), "rolled_back": k, "modes": {}}
-  for mode in FLAGS.modes:
-    # Every mode starts from the same edited state.
-    trial = live_lib.LiveModel(model, editor, params=model.params, state=live.state,
-                               track_manifest=False)
-    trial._snapshot, trial._edits, trial._operations = edited, dict(live._edits), list(live._operations)
-    trial._checkpoint, trial._previous = live._checkpoint, live._previous
-    snap = trial.rollback(ids[k], mode=mode)
-    p_after, ok_after = scores(trial, snap, cases)
-    held = [i for i in others if ok_edited[i]]
-    out["modes"][mode] = {
-        "p_new_after": p_after.tolist(), "success_after": ok_after.tolist(),
-        "rolled_back_p_new": {"pre_edit": pre[k], "edited": float(p_edited[k]),
-                              "after": float(p_after[k]), "gap_points": float(p_after[k] - pre[k])},
-        "others_success_held": float(np.mean([ok_after[i] for i in held]) * 100) if held else None,
-        "others_succeeding_before": len(held)}
-    print(mode, json.dumps(out["modes"][mode]["rolled_back_p_new"]),
-          "others held:", out["modes"][mode]["others_success_held"])
+                    f"--num_edits={FLAGS.num_edits} --rollback={FLAGS.rollback} "
+                    f"--modes={','.join(FLAGS.modes)}",
+         "model": FLAGS.model, **report}
+  for mode, r in report["modes"].items():
+    print(mode, json.dumps(r["rolled_back_p_new"]), "others held:", r["others_success_held"])
   with open(FLAGS.output_json, "w") as f:
     json.dump(out, f, indent=1)
   print("wrote", FLAGS.output_json)

@@ -717,3 +717,24 @@ def test_readme_memit_continuous_batching_sentence_matches_its_json():
   shown(m.group(5), continuous["steady_s"], "continuous steady")
   shown(m.group(6), chunked["steady_s"], "chunked steady")
   assert data["max_abs_delta_diff"] == 0.0
+
+
+def test_results_tiny_rollback_sentence_matches_its_json():
+  """The trained-tiny-model rollback counts and the seed-4 numbers."""
+  text = " ".join(_read(RESULTS_MD).split())
+  data = _load("results/rollback_tiny_seeds.json")
+  seeds = data["seeds"]
+  count = {mode: sum(r["modes"][mode]["meets_acceptance"]
+                     for r in seeds.values()) for mode in ("subtract", "rebuild")}
+  assert count == data["meets_acceptance"]
+  assert (f"on {count['subtract']} of {len(seeds)} data seeds with subtract "
+          f"and {count['rebuild']} of {len(seeds)} with rebuild") in text
+  four = seeds["4"]
+  after = {four["modes"][m]["rolled_back_p_new"]["after"]
+           for m in ("subtract", "rebuild")}
+  assert f"already at {four['pre_edit_p_new'][four['rolled_back']]:.1f} " \
+         "points before its own edit" in text
+  assert {f"{a:.1f}" for a in after} == {"67.3"} and "is at 67.3 after" in text
+  five = seeds["5"]["modes"]
+  assert [five[m]["others_success_held"] for m in ("subtract", "rebuild")] \
+      == [80.0, 100.0] and five["subtract"]["others_succeeding_before"] == 5

@@ -2,7 +2,6 @@
 refusals that do not stop the loop, and every rollback mode."""
 
 import json
-import math
 import threading
 import time
 
@@ -370,64 +369,70 @@ def test_replay_streams_cases_and_reads_between_edits(model):
     replay.replay(live, cases, rate_per_s=0)
 
 
-def test_an_older_rome_edit_subtracted_on_a_trained_tiny_model(tmp_path):
-  """The rollback acceptance on a tiny model (tests/fact_model.py: trained
-  for seconds on 48 one-byte-subject facts, so a subject's key selects its
-  own fact): after 8 successive ROME edits, subtracting an older one that
-  still holds returns its prompt's P(target_new) to within 1 point of its
-  score just before it was applied, and >= 95% of the other edits that held
-  still hold (here: all of them).
+def test_an_older_rome_edit_rolled_back_on_a_trained_tiny_model():
+  """The rollback acceptance on a tiny model (`tiny.fact_lm`: trained for
+  seconds on 48 one-byte-subject facts, so a subject's key selects its own
+  fact): after 8 successive ROME edits, rolling back the oldest one that
+  still holds (subtract, and rebuild) returns its prompt's P(target_new) to
+  within 1 point of its score just before it was applied, and >= 95% of the
+  other edits that held still hold (here: all of them).
 
-  The tiny model's edits still interfere more than the default model's
-  (which `test_an_older_rome_edit_subtracted_on_the_default_model` and
-  docs/results/rollback_rome_cf20.json cover): with these settings the
-  criterion held for 6 of the data seeds 0-7; on seed 4 earlier edits had
-  already moved the prompt to 89 points before its own edit, on seed 5 one
-  of five other edits flipped. Seed 0 is pinned.
+  The tiny model's edits interfere more than the default model's (which
+  `test_an_older_rome_edit_subtracted_on_the_default_model` and
+  docs/results/rollback_rome_cf20.json cover): over data seeds 0-7 the
+  criterion does not hold on every seed (docs/results/
+  rollback_tiny_seeds.json, `experiments.rollback_tiny`). Seed 0 is pinned.
   """
-  from keditjax import stats
-  from tests import fact_model
-  model, known = fact_model.train(seed=0)
+  from keditjax.stream import rollback
+  model, known = tiny.fact_lm(seed=0)
   subjects = list(known)
-  best = fact_model.city_scores(model, model.params, subjects).argmax(1)
-  assert [fact_model.CITIES[j] for j in best] == list(known.values())
+  best = np.stack([model.score(model.params, [tiny.FACT_PROMPT.format(s)
+                                              for s in subjects],
+                               [" " + c] * len(subjects))
+                   for c in tiny.FACT_CITIES], 1).argmax(1)
+  assert [tiny.FACT_CITIES[j] for j in best] == list(known.values())
 
-  corpus = tmp_path / "facts.txt"
-  corpus.write_text("\n".join(fact_model.corpus_lines()) + "\n")
-  cov = stats.second_moments(model, [0], corpus=str(corpus), cache_dir=False,
-                             progress=False)[0]
-  cov = cov + 1e-3 * np.trace(cov) / len(cov) * np.eye(len(cov))
-  ed = editors.get("rome", layer=0, v_compute_dtype="float32",
-                   clamp_norm_factor=1.5)
-  live = live_lib.LiveModel(model, ed, track_manifest=False, state=ed.init(
-      model, covariance=cov, templates=("{}",)))
-  cities = fact_model.CITIES
-  new = {s: cities[(cities.index(c) + 3) % len(cities)]
-         for s, c in known.items()}
-  edited = subjects[:8]
+  ed, state = rollback.fact_rome(model)
+  live = live_lib.LiveModel(model, ed, state=state, track_manifest=False)
+  report = rollback.successive_then_rollback(
+      live, tiny.fact_requests(known, subjects[:8]), show_progress=False)
+  k = report["rolled_back"]
+  assert 0 < k < 7 and report["edited_success"][k]
+  assert report["edited_p_new"][k] > 50       # it held when rolled back
+  for mode, r in report["modes"].items():
+    got = r["rolled_back_p_new"]
+    print(mode, f"edit {k}: {got['pre_edit']:.3f} -> {got['edited']:.2f} -> "
+          f"{got['after']:.3f} points; others held {r['others_success_held']}"
+          f"% of {r['others_succeeding_before']}")
+    assert abs(got["after"] - got["pre_edit"]) <= 1.0, (mode, got)
+    assert r["others_succeeding_before"] >= 4
+    assert r["others_success_held"] >= 95.0 and r["meets_acceptance"]
+  # A fork's rollback left the live model itself as it was.
+  assert len(live.edits) == 8
 
-  def scores():
-    prompts = [fact_model.PROMPT.format(s) for s in edited]
-    lp_new = live.score(prompts, [" " + new[s] for s in edited])
-    lp_true = live.score(prompts, [" " + known[s] for s in edited])
-    return 100 * np.exp(lp_new), lp_new > lp_true
 
-  pre, ids = [], []
-  for i, s in enumerate(edited):
-    pre.append(float(scores()[0][i]))
-    ids.append(live.edit({"prompt": fact_model.PROMPT, "subject": s,
-                          "target_new": " " + new[s],
-                          "target_true": " " + known[s]})[0].id)
-  p_edited, ok_edited = scores()
-  # The oldest edit (not the first: it has no edit before it) still held.
-  k = next(i for i in range(1, len(edited) - 1)
-           if ok_edited[i] and p_edited[i] > 50)
-  live.rollback(ids[k], mode="subtract")
-  p_after, ok_after = scores()
-  assert abs(p_after[k] - pre[k]) <= 1.0, (k, pre[k], p_edited[k], p_after[k])
-  held = [i for i in range(len(edited)) if i != k and ok_edited[i]]
-  kept = sum(bool(ok_after[i]) for i in held)
-  print(f"edit {k} {pre[k]:.3f} -> {p_edited[k]:.2f} -> "
-        f"{p_after[k]:.3f} points; {kept}/{len(held)} others held "
-        f"({int(ok_edited.sum())}/{len(edited)} held before)")
-  assert len(held) >= 4 and kept >= math.ceil(0.95 * len(held))
+def test_fork_diverges_without_touching_the_original(model):
+  """A fork starts at the original's version and history; its edits and
+  rollbacks leave the original's params and edits alone. Bad arguments to
+  `successive_then_rollback` are refused before any edit."""
+  from keditjax.stream import rollback
+  ed, state = _rome(model)
+  live = live_lib.LiveModel(model, ed, state=state)
+  first = live.edit(_request(0))[0]
+  fork = live.fork()
+  assert fork.snapshot() is live.snapshot() and set(fork.edits) == {first.id}
+  other = fork.edit(_request(1))[0]
+  fork.rollback(first.id, mode="rebuild")
+  assert set(fork.edits) == {other.id} and set(live.edits) == {first.id}
+  assert live.snapshot().version == 1 and fork.manifest is not live.manifest
+  assert live.edit(_request(2))[0].id != first.id
+  with pytest.raises(errors.InputError, match="target_true"):
+    rollback.successive_then_rollback(live, [_request(i) for i in range(3)])
+  with pytest.raises(errors.InputError, match=">= 3"):
+    rollback.successive_then_rollback(
+        live, [dict(_request(0), target_true="Rome")])
+  with pytest.raises(errors.ConfigError, match="rollback=9"):
+    rollback.successive_then_rollback(
+        live, [dict(_request(i), target_true="Rome") for i in range(3)],
+        rollback=9)
+  assert len(live.edits) == 2    # refused before any work

@@ -267,6 +267,29 @@ class LiveModel:
       self._checkpoint = (self._snapshot.params, self._state,
                           len(self._operations), self.manifest)
 
+  def fork(self) -> "LiveModel":
+    """A second live model at this one's current version.
+
+    It shares the (immutable) params, editor state, manifest, checkpoint
+    and edit history, then is edited and rolled back on its own: e.g. to
+    compare rollback modes from one edited state. It has no worker thread
+    and no `on_change`; edit ids continue where this one's stand.
+    """
+    with self._write_lock:
+      other = LiveModel(self.model, self.editor, params=self.params,
+                        state=self._state, max_batch=self.max_batch,
+                        latency_budget_s=self.latency_budget_s,
+                        track_manifest=False)
+      other._snapshot, other.manifest = self._snapshot, self.manifest
+      other._checkpoint, other._previous = self._checkpoint, self._previous
+      other._operations = list(self._operations)
+      other._edits, other._rolled_back = dict(self._edits), set(
+          self._rolled_back)
+      next_id = next(self._ids)
+      self._ids = itertools.count(next_id)
+      other._ids = itertools.count(next_id)
+    return other
+
   def rollback(self, edit_id: str, mode: str = "auto") -> Snapshot:
     """Takes one edit out (see the module docstring for the modes).
 
