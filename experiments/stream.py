@@ -30,8 +30,8 @@ flags.DEFINE_list("modes", ["batched", "one_by_one"], "Replays to run.")
 flags.DEFINE_integer("max_batch", 16, "Most requests per micro-batch.")
 flags.DEFINE_float("latency_budget_s", 1.0, "Wait for a batch to fill.")
 flags.DEFINE_float("read_period_s", 1.0, "Seconds between reads.")
-flags.DEFINE_bool("manifest", False, "Keep an edit manifest while streaming (UltraEdit's dense deltas: 17.7 MB "
-                  "per operation on SmolLM2).")
+flags.DEFINE_bool("manifest", False, "Keep an edit manifest while streaming (it grows by each "
+                  "operation's declared deltas: docs/benchmarks/manifest_ultraedit_cf32.json).")
 flags.DEFINE_string("output_json", "runs/stream.json", "Results JSON (a PNG beside it).")
 config_flags.DEFINE_config_file("config", "experiments/configs/editors.py", "Editor hyper-parameters.")
 FLAGS = flags.FLAGS

@@ -738,3 +738,12 @@ def test_results_tiny_rollback_sentence_matches_its_json():
   five = seeds["5"]["modes"]
   assert [five[m]["others_success_held"] for m in ("subtract", "rebuild")] \
       == [80.0, 100.0] and five["subtract"]["others_succeeding_before"] == 5
+
+
+def test_readme_manifest_size_sentence_matches_its_json():
+  """The UltraEdit manifest sizes and verdict the README quotes."""
+  text = " ".join(_read(os.path.join(ROOT, "README.md")).split())
+  data = _load("benchmarks/manifest_ultraedit_cf32.json")
+  assert data["verify_ok"] and data["operations"] == 4
+  assert (f"declare {data['deltas_bytes'] / 1e6:.1f} MB against "
+          f"{data['dense_bytes'] / 1e6:.1f} MB of dense changes") in text

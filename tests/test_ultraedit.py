@@ -154,3 +154,64 @@ def test_bad_hparams_are_config_errors(model):
               dict(layers=(99,))):
     with pytest.raises(errors.ConfigError):
       editors.get("ultraedit", **bad).init(model)
+
+
+def test_records_hold_each_requests_low_rank_share(model, tmp_path):
+  """Each request's record declares factors (u = its keys, v = its rows of
+  (K Kᵀ + λ I)⁻¹ V); over the requests they sum to the applied ΔW, in a
+  live model one request of a batch can be subtracted, and the saved
+  manifest (factors, not dense leaves) verifies."""
+  from keditjax.stream import live as live_lib
+  from keditjax.stream import verify as verify_lib
+  layers = (2, 3)
+  editor = editors.get("ultraedit", layers=layers, lr=0.5)
+  state = editor.init(model)
+  new_params, _, info = editor.apply(model, model.params, REQUESTS[:2],
+                                     state)
+  rows = mend.request_rows(model, base.make_requests(REQUESTS[:2]))
+  tokens = ultraedit.token_weights(rows, "all").sum(-1)
+  for layer in layers:
+    path = mend.kernel_path(model.config, layer)
+    got = np.asarray(base.get_leaf(new_params, path) -
+                     base.get_leaf(model.params, path))
+    shares = [t.factors for r in info.records for t in r.touched
+              if t.path == path]
+    assert [u.shape[1] for u, _ in shares] == tokens[:2].astype(int).tolist()
+    total = sum(u.astype(np.float64) @ v for u, v in shares)
+    np.testing.assert_allclose(total, got, rtol=0, atol=1e-5 * abs(got).max())
+  # The push-through identity against NumPy on random rows.
+  rng = np.random.default_rng(0)
+  k, v = rng.normal(size=(7, 5)), rng.normal(size=(7, 3))
+  owner = np.array([0, 0, -1, 1, 1, 1, 2])
+  pairs = ultraedit.factored(k, v, owner, 0.5, 3)
+  kv = k[owner >= 0]
+  want = np.linalg.solve(kv.T @ kv + 0.5 * np.eye(5), kv.T @ v[owner >= 0])
+  np.testing.assert_allclose(sum(a @ b for a, b in pairs), want, atol=1e-5)
+  live = live_lib.LiveModel(model, editor, max_batch=2)
+  applied = live.edit(REQUESTS[:2])
+  live.edit(REQUESTS[2:3])
+  before = live.params
+  live.rollback(applied[0].id, mode="subtract")
+  for layer in layers:
+    path = mend.kernel_path(model.config, layer)
+    u, v = [t.factors for t in applied[0].record.touched if t.path == path][0]
+    np.testing.assert_allclose(np.asarray(base.get_leaf(live.params, path)),
+                               np.asarray(base.get_leaf(before, path)) - u @ v,
+                               atol=1e-5)
+  assert applied[0].id not in live.edits and applied[1].id in live.edits
+  out = live.save(str(tmp_path / "edited"))
+  report = verify_lib.verify(model.params, out)
+  assert report.ok, report.summary()
+  declared = [d for op in live.manifest.operations for d in op.deltas]
+  assert declared and {d.form for d in declared} == {"factored"}
+
+
+def test_a_call_whose_factors_outgrow_the_dense_change_records_none(model):
+  """n (F + D) >= F D (here 128 · 64 / 192 ≈ 43 tokens): no factors."""
+  editor = editors.get("ultraedit", layers=(2, 3), lr=0.5)
+  _, _, info = editor.apply(model, model.params, REQUESTS[:2],
+                            editor.init(model))
+  assert all(t.factors is not None for r in info.records for t in r.touched)
+  _, _, info = editor.apply(model, model.params, REQUESTS, editor.init(model))
+  assert all(t.factors is None for r in info.records for t in r.touched)
+  assert len(info.records) == 6 and len(info.records[0].touched) == 2

@@ -21,6 +21,13 @@ No per-request optimisation loop: one forward/backward and one `F × F` solve
 per layer, whatever the batch size. The normaliser's statistics are the
 editor state carried from turn to turn (and saved with `state_io`).
 
+Each request's record declares its share of every `ΔW` as factors: since
+`(Kᵀ K + λ I)⁻¹ Kᵀ = Kᵀ (K Kᵀ + λ I)⁻¹`, `ΔW = Σ_j K_jᵀ A_j` with
+`A = (K Kᵀ + λ I)⁻¹ V` split by request (`factored`). A manifest then stores
+`F × n + n × D` numbers per request and layer (n its tokens) instead of the
+dense `F × D` change, and one request of a batch can be subtracted. A call
+with so many tokens that the factors would be larger records no factors.
+
 Differences from the reference implementation (XiaojieGu/UltraEdit, also
 EasyEdit's port), stated so they can be checked:
   - the reference keeps one normaliser per weight *shape*, so all edited
@@ -118,25 +125,67 @@ def normalize(z_NxC, count, mean, m2, eps):
   return (z_NxC - mean) / (std + eps)
 
 
+def shift_targets(kh_NxF, gh_NxD, w_N, lr):
+  """The rows' targets `v_t = −lr ‖k̂_t‖² ĝ_t`, weighted."""
+  w_N = w_N.astype(jnp.float32)[:, None]
+  return -lr * jnp.sum(kh_NxF ** 2, -1, keepdims=True) * gh_NxD * w_N
+
+
 def ridge_shift(k_NxF, kh_NxF, gh_NxD, w_N, lr, ridge):
   """`ΔW = (Kᵀ K + λ I)⁻¹ Kᵀ V`, `v_t = −lr ‖k̂_t‖² ĝ_t`, rows weighted."""
-  w_N = w_N.astype(jnp.float32)[:, None]
-  v_NxD = -lr * jnp.sum(kh_NxF ** 2, -1, keepdims=True) * gh_NxD * w_N
-  k_NxF = k_NxF * w_N
+  v_NxD = shift_targets(kh_NxF, gh_NxD, w_N, lr)
+  k_NxF = k_NxF * w_N.astype(jnp.float32)[:, None]
   f = k_NxF.shape[-1]
   gram_FxF = k_NxF.T @ k_NxF + ridge * jnp.eye(f, dtype=jnp.float32)
   return jnp.linalg.solve(gram_FxF, k_NxF.T @ v_NxD)
 
 
-def turn(k_NxF, g_NxD, w_N, count, mean, m2, *, lr, ridge, eps):
-  """One layer's turn: updated statistics and `ΔW` (`[F, D]`)."""
+def _turn(k_NxF, g_NxD, w_N, count, mean, m2, *, lr, ridge, eps):
   z_NxC = jnp.concatenate([k_NxF, g_NxD], -1).astype(jnp.float32)
   count, mean, m2 = update_stats(count, mean, m2, z_NxC, w_N)
   zh_NxC = normalize(z_NxC, count, mean, m2, eps)
   f = k_NxF.shape[-1]
-  delta = ridge_shift(k_NxF.astype(jnp.float32), zh_NxC[:, :f],
-                      zh_NxC[:, f:], w_N, lr, ridge)
-  return delta, (count, mean, m2)
+  k_NxF = k_NxF.astype(jnp.float32)
+  delta = ridge_shift(k_NxF, zh_NxC[:, :f], zh_NxC[:, f:], w_N, lr, ridge)
+  # The regression's rows, for the low-rank form ΔW = Kᵀ (K Kᵀ + λ I)⁻¹ V.
+  rows = (k_NxF * w_N.astype(jnp.float32)[:, None],
+          shift_targets(zh_NxC[:, :f], zh_NxC[:, f:], w_N, lr))
+  return delta, (count, mean, m2), rows
+
+
+def turn(k_NxF, g_NxD, w_N, count, mean, m2, *, lr, ridge, eps):
+  """One layer's turn: updated statistics and `ΔW` (`[F, D]`)."""
+  delta, stats, _ = _turn(k_NxF, g_NxD, w_N, count, mean, m2, lr=lr,
+                          ridge=ridge, eps=eps)
+  return delta, stats
+
+
+def factored(k_NxF, v_NxD, owner_N, ridge: float, num_requests: int):
+  """Each request's share of one layer's `ΔW`, as factors `(u, v)`.
+
+  `(Kᵀ K + λ I)⁻¹ Kᵀ V = Kᵀ (K Kᵀ + λ I)⁻¹ V` (push-through identity), so
+  with `A = (K Kᵀ + λ I)⁻¹ V` (float64, `N × N`: N the weighted token rows)
+  `ΔW = Σ_j K_jᵀ A_j` over each request's rows: `u_j = K_jᵀ` `[F, n_j]`,
+  `v_j = A_j` `[n_j, D]`. Their sum equals the applied change to float32
+  rounding of its solve.
+
+  Args:
+    k_NxF, v_NxD: the weighted rows (`_turn`'s), zero rows included.
+    owner_N: each row's request index (-1: weight 0, left out).
+    ridge: λ.
+    num_requests: how many requests.
+
+  Returns:
+    One `(u_Fxn, v_nxD)` float32 pair per request.
+  """
+  keep = owner_N >= 0
+  k = np.asarray(k_NxF, np.float64)[keep]
+  v = np.asarray(v_NxD, np.float64)[keep]
+  owner = owner_N[keep]
+  a = np.linalg.solve(k @ k.T + ridge * np.eye(len(k)), v)
+  return [(np.ascontiguousarray(k[owner == j].T, np.float32),
+           np.ascontiguousarray(a[owner == j], np.float32))
+          for j in range(num_requests)]
 
 
 def token_weights(rows, tokens: str):
@@ -151,21 +200,43 @@ def token_weights(rows, tokens: str):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "layers", "lr",
-                                             "ridge", "eps"))
+                                             "ridge", "eps", "with_rows"))
 def _edit(params, rows, weights_BxL, count, mean, m2, *, config, layers, lr,
-          ridge, eps):
+          ridge, eps, with_rows):
   facts = mend.factors(config, params, rows, layers, 0)
   w_N = weights_BxL.reshape(-1)
-  deltas, stats = [], []
+  deltas, stats, regression = [], [], []
   for i, (k_BxLxF, g_BxLxD, _) in enumerate(facts):
     k_NxF = k_BxLxF.reshape(-1, k_BxLxF.shape[-1])
     g_NxD = g_BxLxD.reshape(-1, g_BxLxD.shape[-1])
-    delta, st = turn(k_NxF, g_NxD, w_N, count[i], mean[i], m2[i], lr=lr,
-                     ridge=ridge, eps=eps)
+    delta, st, kv = _turn(k_NxF, g_NxD, w_N, count[i], mean[i], m2[i], lr=lr,
+                          ridge=ridge, eps=eps)
     deltas.append(delta)
     stats.append(st)
+    regression.append(kv if with_rows else None)
   new = [jnp.stack(x) for x in zip(*stats)]
-  return mend.edited(config, params, layers, deltas), new
+  return mend.edited(config, params, layers, deltas), new, regression
+
+
+def _factors_pay(w_BxL, config) -> bool:
+  """Whether a call's records carry factors: while they are smaller than the
+  dense change, n (F + D) < F D with n the weighted tokens of the call (up
+  to ~400 tokens on SmolLM2). Beyond that the records carry none (a
+  manifest declares the dense change) and `_edit` returns no rows."""
+  f, d = config.intermediate_size, config.hidden_size
+  return bool((w_BxL > 0).sum() * (f + d) < f * d)
+
+
+def _records(reqs, paths, regression, w_BxL, ridge):
+  """Each request's low-rank share of every ΔW (`factored`)."""
+  owner_N = np.where(w_BxL > 0, np.arange(w_BxL.shape[0])[:, None],
+                     -1).reshape(-1)
+  touched = [[] for _ in reqs]
+  for path, (k_NxF, v_NxD) in zip(paths, regression):
+    for j, pair in enumerate(factored(k_NxF, v_NxD, owner_N, ridge,
+                                      len(reqs))):
+      touched[j].append(base.LeafDelta(tuple(path), pair))
+  return base.make_records("ultraedit", reqs, [tuple(t) for t in touched])
 
 
 def check_hparams(hp: UltraEditHParams, config) -> tuple:
@@ -209,17 +280,22 @@ def ultraedit(hparams: UltraEditHParams = UltraEditHParams()
       rows = mend.request_rows(model, reqs)
       weights = token_weights(rows, hp.tokens)
     with timer("edit"):
-      new_params, (count, mean, m2) = _edit(
+      factors = _factors_pay(np.asarray(weights), model.config)
+      new_params, (count, mean, m2), regression = _edit(
           params, rows, weights, state.count, state.mean, state.m2,
           config=model.config, layers=state.layers, lr=float(hp.lr),
-          ridge=float(hp.ridge), eps=float(hp.eps))
+          ridge=float(hp.ridge), eps=float(hp.eps), with_rows=factors)
       jax.block_until_ready(new_params)
     paths = {mend.kernel_path(model.config, l): base.get_leaf(
         new_params, mend.kernel_path(model.config, l)) for l in state.layers}
+    with timer("records"):
+      records = (_records(reqs, paths, regression, np.asarray(weights),
+                          float(hp.ridge)) if factors else
+                 base.leaf_records("ultraedit", reqs, paths))
     info = base.EditInfo(
         changed=base.describe_changes(params, paths), seconds=timer.seconds,
         extras={"tokens_seen": float(np.asarray(count)[0])},
-        records=base.leaf_records("ultraedit", reqs, paths))
+        records=records)
     return new_params, dataclasses.replace(
         state, count=count, mean=mean, m2=m2,
         edits=np.asarray(int(state.edits) + 1, np.int32)), info
@@ -228,5 +304,5 @@ def ultraedit(hparams: UltraEditHParams = UltraEditHParams()
 
 
 __all__ = ["UltraEditHParams", "UltraEditState", "check_hparams",
-           "normalize", "ridge_shift", "token_weights", "turn", "ultraedit",
+           "factored", "normalize", "ridge_shift", "shift_targets", "token_weights", "turn", "ultraedit",
            "update_stats"]

@@ -139,9 +139,11 @@ class LiveModel:
       swap, in the writer's thread.
     track_manifest: keep an edit manifest (`keditjax.stream.manifest`) of
       every operation, for `save` and `verify`. It holds each operation's
-      declared deltas: factors for ROME/MEMIT/AlphaEdit (small), the whole
-      changed leaves for methods without factors (fine-tuning, UltraEdit:
-      memory grows by those leaves per operation).
+      declared deltas: factors for ROME/MEMIT/AlphaEdit (rank one per
+      request and layer) and UltraEdit (a request's token rows: rank = its
+      tokens), the whole changed leaves for methods without factors
+      (fine-tuning, hypernetworks: memory grows by those leaves per
+      operation).
   """
 
   def __init__(self, model, editor, *, params=None, state=None,
