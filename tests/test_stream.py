@@ -318,25 +318,18 @@ def test_an_older_rome_edit_subtracted_on_the_default_model(smollm2):
   before it was applied, and every other edit that succeeded still does.
   (docs/RESULTS.md reports the same with the default ROME over 20 edits.)"""
   from keditjax.evaluation import cases as cases_lib
+  from keditjax.stream import rollback
   cases = cases_lib.load_cases("counterfact", limit=5)
   ed = editors.get("rome", use_covariance=False, context_lengths=((5, 3),))
   live = live_lib.LiveModel(smollm2, ed, track_manifest=False)
-
-  def scores(i=None):
-    picked = cases if i is None else cases[i:i + 1]
-    prompts = [c.prompt for c in picked]
-    new = live.score(prompts, [c.target_new for c in picked])
-    true = live.score(prompts, [c.target_true for c in picked])
-    return 100 * np.exp(new), new > true
-
-  pre, ids = [], []
-  for i, case in enumerate(cases):
-    pre.append(float(scores(i)[0][0]))
-    ids.append(live.edit(case.request)[0].id)
-  p_edited, ok_edited = scores()
+  report = rollback.successive_then_rollback(
+      live, [c.request for c in cases], rollback=1, modes=("subtract",),
+      show_progress=False)
+  pre, p_edited = report["pre_edit_p_new"], report["edited_p_new"]
+  ok_edited = report["edited_success"]
+  after = report["modes"]["subtract"]
+  p_after, ok_after = after["p_new_after"], after["success_after"]
   assert p_edited[1] > pre[1] + 10          # the edit took
-  live.rollback(ids[1], mode="subtract")
-  p_after, ok_after = scores()
   assert abs(p_after[1] - pre[1]) <= 1.0, (pre[1], p_edited[1], p_after[1])
   held = [i for i in (0, 2, 3, 4) if ok_edited[i]]
   assert len(held) >= 3 and all(ok_after[i] for i in held), (

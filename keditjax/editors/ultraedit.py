@@ -131,26 +131,29 @@ def shift_targets(kh_NxF, gh_NxD, w_N, lr):
   return -lr * jnp.sum(kh_NxF ** 2, -1, keepdims=True) * gh_NxD * w_N
 
 
+def _solve(kw_NxF, v_NxD, ridge):
+  """`(Kᵀ K + λ I)⁻¹ Kᵀ V` of weighted rows."""
+  f = kw_NxF.shape[-1]
+  gram_FxF = kw_NxF.T @ kw_NxF + ridge * jnp.eye(f, dtype=jnp.float32)
+  return jnp.linalg.solve(gram_FxF, kw_NxF.T @ v_NxD)
+
+
 def ridge_shift(k_NxF, kh_NxF, gh_NxD, w_N, lr, ridge):
   """`ΔW = (Kᵀ K + λ I)⁻¹ Kᵀ V`, `v_t = −lr ‖k̂_t‖² ĝ_t`, rows weighted."""
-  v_NxD = shift_targets(kh_NxF, gh_NxD, w_N, lr)
-  k_NxF = k_NxF * w_N.astype(jnp.float32)[:, None]
-  f = k_NxF.shape[-1]
-  gram_FxF = k_NxF.T @ k_NxF + ridge * jnp.eye(f, dtype=jnp.float32)
-  return jnp.linalg.solve(gram_FxF, k_NxF.T @ v_NxD)
+  return _solve(k_NxF * w_N.astype(jnp.float32)[:, None],
+                shift_targets(kh_NxF, gh_NxD, w_N, lr), ridge)
 
 
 def _turn(k_NxF, g_NxD, w_N, count, mean, m2, *, lr, ridge, eps):
+  """`turn`, plus the regression's weighted rows `(K, V)` (for the
+  low-rank form `ΔW = Kᵀ (K Kᵀ + λ I)⁻¹ V`, `factored`)."""
   z_NxC = jnp.concatenate([k_NxF, g_NxD], -1).astype(jnp.float32)
   count, mean, m2 = update_stats(count, mean, m2, z_NxC, w_N)
   zh_NxC = normalize(z_NxC, count, mean, m2, eps)
   f = k_NxF.shape[-1]
-  k_NxF = k_NxF.astype(jnp.float32)
-  delta = ridge_shift(k_NxF, zh_NxC[:, :f], zh_NxC[:, f:], w_N, lr, ridge)
-  # The regression's rows, for the low-rank form ΔW = Kᵀ (K Kᵀ + λ I)⁻¹ V.
-  rows = (k_NxF * w_N.astype(jnp.float32)[:, None],
-          shift_targets(zh_NxC[:, :f], zh_NxC[:, f:], w_N, lr))
-  return delta, (count, mean, m2), rows
+  kw_NxF = k_NxF.astype(jnp.float32) * w_N.astype(jnp.float32)[:, None]
+  v_NxD = shift_targets(zh_NxC[:, :f], zh_NxC[:, f:], w_N, lr)
+  return _solve(kw_NxF, v_NxD, ridge), (count, mean, m2), (kw_NxF, v_NxD)
 
 
 def turn(k_NxF, g_NxD, w_N, count, mean, m2, *, lr, ridge, eps):
@@ -304,5 +307,5 @@ def ultraedit(hparams: UltraEditHParams = UltraEditHParams()
 
 
 __all__ = ["UltraEditHParams", "UltraEditState", "check_hparams",
-           "factored", "normalize", "ridge_shift", "shift_targets", "token_weights", "turn", "ultraedit",
-           "update_stats"]
+           "factored", "normalize", "ridge_shift", "shift_targets",
+           "token_weights", "turn", "ultraedit", "update_stats"]
